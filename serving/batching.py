@@ -1,0 +1,175 @@
+"""Server-side batching: concurrent Predict calls on the same servable and signature become one call.
+
+Like TF Serving's BatchingSession: a request waits at most `batch_timeout_micros` for company, a batch
+holds at most `max_batch_size` rows, `num_batch_threads` batches run at once, and a queue holding more
+than `max_enqueued_batches` batches rejects new work with UNAVAILABLE. If the merged call fails with
+INVALID_ARGUMENT (one bad image), the requests are rerun one by one so only the bad one fails.
+"""
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from serving.errors import ServingError
+from serving.models import Servable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int = 32
+    batch_timeout_micros: int = 2000
+    num_batch_threads: int = 2
+    max_enqueued_batches: int = 100
+    allowed_batch_sizes: tuple[int, ...] = ()
+
+    @classmethod
+    def from_proto(cls, params) -> "BatchingOptions":
+        """From a BatchingParameters message; unset fields keep the defaults above."""
+        def get(name: str, default: int) -> int:
+            return getattr(params, name).value if params.HasField(name) else default
+        options = cls(get("max_batch_size", cls.max_batch_size), get("batch_timeout_micros", cls.batch_timeout_micros),
+                      get("num_batch_threads", cls.num_batch_threads),
+                      get("max_enqueued_batches", cls.max_enqueued_batches), tuple(params.allowed_batch_sizes))
+        if options.allowed_batch_sizes and (list(options.allowed_batch_sizes) != sorted(options.allowed_batch_sizes)
+                                            or options.allowed_batch_sizes[-1] != options.max_batch_size):
+            raise ValueError("allowed_batch_sizes must increase and end with max_batch_size")
+        if options.max_batch_size < 1 or options.num_batch_threads < 1:
+            raise ValueError("max_batch_size and num_batch_threads must be >= 1")
+        return options
+
+
+@dataclass
+class _Task:
+    servable: Servable
+    signature_name: str
+    inputs: dict[str, np.ndarray]
+    size: int
+    enqueued: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    outputs: dict[str, np.ndarray] | None = None
+    error: ServingError | None = None
+
+
+class Batcher:
+    def __init__(self, options: BatchingOptions, on_batch: Callable[[int], None] = lambda size: None) -> None:
+        self.options = options
+        self._on_batch = on_batch
+        self._queues: dict[tuple, list[_Task]] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+                         for i in range(options.num_batch_threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
+            size: int) -> dict[str, np.ndarray]:
+        task = _Task(servable, signature_name, inputs, size)
+        key = (id(servable), signature_name)
+        with self._cond:
+            queue = self._queues.setdefault(key, [])
+            limit = self.options.max_enqueued_batches * self.options.max_batch_size
+            if sum(t.size for t in queue) + size > limit:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE,
+                                   "The batch scheduling queue to which this task was submitted is full")
+            queue.append(task)
+            self._cond.notify()
+        task.done.wait()
+        if task.error:
+            raise task.error
+        return task.outputs
+
+    def _next_batch(self) -> list[_Task] | None:
+        """Under the lock: wait until some queue is full or its oldest task has waited long enough."""
+        timeout = self.options.batch_timeout_micros / 1e6
+        while True:
+            now, wake = time.monotonic(), None
+            for key, queue in self._queues.items():
+                deadline = queue[0].enqueued + timeout
+                if sum(t.size for t in queue) >= self.options.max_batch_size or deadline <= now or self._stopping:
+                    batch, total = [], 0
+                    while queue and (not batch or total + queue[0].size <= self.options.max_batch_size):
+                        total += queue[0].size
+                        batch.append(queue.pop(0))
+                    if not queue:
+                        del self._queues[key]
+                    return batch
+                wake = deadline if wake is None else min(wake, deadline)
+            if self._stopping:
+                return None
+            self._cond.wait(None if wake is None else wake - now)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._process(batch)
+            finally:
+                for task in batch:
+                    if task.outputs is None and task.error is None:
+                        task.error = ServingError(grpc.StatusCode.INTERNAL, "batch processing failed")
+                    task.done.set()
+
+    def _process(self, batch: list[_Task]) -> None:
+        total = sum(t.size for t in batch)
+        self._on_batch(total)
+        if len(batch) == 1:
+            return self._run_alone(batch[0])
+        first = batch[0]
+        try:
+            merged = {name: np.concatenate([t.inputs[name] for t in batch]) for name in first.inputs}
+        except ValueError:  # trailing dims differ: cannot stack
+            return self._run_each(batch)
+        padded = self._padded_size(total)
+        if padded > total:
+            merged = {name: np.concatenate([value, np.repeat(value[:1], padded - total, axis=0)])
+                      for name, value in merged.items()}
+        try:
+            outputs = first.servable.run(first.signature_name, merged)
+        except ServingError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                return self._run_each(batch)
+            for task in batch:
+                task.error = e
+            return
+        if any(value.ndim == 0 or value.shape[0] != padded for value in outputs.values()):
+            return self._run_each(batch)  # outputs not batch-major: merging was not safe
+        start = 0
+        for task in batch:
+            task.outputs = {name: value[start:start + task.size] for name, value in outputs.items()}
+            start += task.size
+
+    def _padded_size(self, total: int) -> int:
+        sizes = self.options.allowed_batch_sizes
+        i = bisect.bisect_left(sizes, total)
+        return sizes[i] if i < len(sizes) else total
+
+    def _run_each(self, batch: list[_Task]) -> None:
+        for task in batch:
+            self._run_alone(task)
+
+    @staticmethod
+    def _run_alone(task: _Task) -> None:
+        try:
+            task.outputs = task.servable.run(task.signature_name, task.inputs)
+        except ServingError as e:
+            task.error = e
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the worker threads."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)

@@ -1,0 +1,33 @@
+"""The one error type the server raises for a request, carrying the gRPC status it maps to."""
+
+import grpc
+
+# How tensorflow_serving/model_servers/http_rest_api_handler maps a status to an HTTP code.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ServingError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS.get(self.code, 500)
+
+
+def status_code_from_int(value: int) -> grpc.StatusCode:
+    """tf.errors.OpError.error_code and StatusProto.error_code use the gRPC numbering."""
+    return _BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)

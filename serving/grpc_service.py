@@ -1,0 +1,120 @@
+"""tensorflow.serving.PredictionService and ModelService over gRPC, with the official servicer bases."""
+
+import grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serving.errors import ServingError
+from serving.models import ModelManager, Servable
+from serving.predict import Predictor
+from serving.tensors import array_from_proto, array_to_proto
+
+
+def version_and_label(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
+    choice = spec.WhichOneof("version_choice")
+    if choice == "version":
+        return spec.version.value, None
+    if choice == "version_label":
+        return None, spec.version_label
+    return None, None
+
+
+def signature_def_map(servable: Servable) -> get_model_metadata_pb2.SignatureDefMap:
+    """The metadata TF Serving returns under "signature_def": every SignatureDef of the MetaGraph."""
+    result = get_model_metadata_pb2.SignatureDefMap()
+    for name, signature in servable.signature_defs.items():
+        result.signature_def[name].CopyFrom(signature)
+    return result
+
+
+def status_response(manager: ModelManager, name: str,
+                    version: int | None) -> get_model_status_pb2.GetModelStatusResponse:
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for status in manager.model(name).statuses(version):
+        entry = response.model_version_status.add(version=status.version)
+        entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(status.state)
+        entry.status.error_code = status.error_code
+        entry.status.error_message = status.error_message
+    return response
+
+
+def _abort(context: grpc.ServicerContext, error: ServingError) -> None:
+    context.abort(error.code, error.message)
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    def Predict(self, request: predict_pb2.PredictRequest,
+                context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
+        try:
+            version, label = version_and_label(request.model_spec)
+            inputs = {name: array_from_proto(proto, name) for name, proto in request.inputs.items()}
+            result = self.predictor.predict(request.model_spec.name, version, label, request.model_spec.signature_name,
+                                            lambda servable, signature_name: inputs, list(request.output_filter))
+        except ServingError as e:
+            return _abort(context, e)
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = result.model_name
+        response.model_spec.version.value = result.version
+        response.model_spec.signature_name = result.signature_name
+        for name, value in result.outputs.items():
+            response.outputs[name].CopyFrom(array_to_proto(value))
+        return response
+
+    def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+                         context: grpc.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        fields = list(request.metadata_field)
+        if fields != ["signature_def"]:
+            return context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"Metadata field(s) {fields} not supported: ask for exactly ['signature_def']")
+        try:
+            version, label = version_and_label(request.model_spec)
+            with self.predictor.manager.acquire(request.model_spec.name, version, label) as servable:
+                response = get_model_metadata_pb2.GetModelMetadataResponse()
+                response.model_spec.name = servable.name
+                response.model_spec.version.value = servable.version
+                response.metadata["signature_def"].Pack(signature_def_map(servable))
+                return response
+        except ServingError as e:
+            return _abort(context, e)
+
+    def Classify(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Classify is not implemented: the model has no classify signature")
+
+    def Regress(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Regress is not implemented: the model has no regress signature")
+
+    def MultiInference(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented")
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
+                       context: grpc.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
+        try:
+            version, label = version_and_label(request.model_spec)
+            if label:
+                version = self.manager.model(request.model_spec.name).resolve(label=label).version
+            return status_response(self.manager, request.model_spec.name, version)
+        except ServingError as e:
+            return _abort(context, e)
+
+    def HandleReloadConfigRequest(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "HandleReloadConfigRequest is not implemented: restart the server with the new config")
+
+
+def add_services(server: grpc.Server, predictor: Predictor) -> None:
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(predictor), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor.manager), server)

@@ -1,0 +1,298 @@
+"""Model versions on disk -> loaded servables, the way TF Serving's file-system source and manager do it.
+
+A model has a base path holding integer version dirs (anything else, like `.tmp-3`, is ignored). Every poll
+the version policy picks the versions to serve; each new one is loaded fully and warmed up with
+`assets.extra/tf_serving_warmup_requests` before it is published, so a request never sees a half-loaded
+model. Requests hold a reference to the servable they started on, so a switch never fails one in flight.
+A version that fails to load is reported as END with its error and skipped (until its directory changes):
+the policy then picks among the rest, so the previous version keeps serving.
+"""
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.config import file_system_storage_path_source_pb2
+
+from serving.errors import ServingError, status_code_from_int
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNATURE = "serving_default"
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
+UNLOAD_DRAIN_SECONDS = 30.0
+
+VersionPolicy = file_system_storage_path_source_pb2.FileSystemStoragePathSourceConfig.ServableVersionPolicy
+
+
+def _tidy_tf_message(message: str) -> str:
+    """The reason alone: without TF's "Graph execution error", node names and stack trace boilerplate."""
+    head = message.split("\n\t [[")[0]
+    noise = ("Graph execution error:", "Detected at node", "<stack traces unavailable>", "  ")
+    lines = [line for line in head.splitlines() if line.strip() and not line.startswith(noise)]
+    return " ".join(lines) or message.strip()
+
+
+class Servable:
+    """One loaded version of a model: its signatures and a count of requests running on it."""
+
+    def __init__(self, name: str, version: int, path: Path) -> None:
+        self.name, self.version, self.path = name, version, path
+        self.loaded = tf.saved_model.load(str(path))
+        self.signatures = dict(self.loaded.signatures)
+        meta_graph = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes()).meta_graphs[0]
+        self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = dict(meta_graph.signature_def)
+        self._inflight = 0
+        self._idle = threading.Condition()
+
+    def input_specs(self, signature_name: str) -> dict[str, tf.TensorSpec]:
+        return dict(self.function(signature_name).structured_input_signature[1])
+
+    def output_names(self, signature_name: str) -> list[str]:
+        return sorted(self.function(signature_name).structured_outputs)
+
+    def function(self, signature_name: str) -> Callable:
+        fn = self.signatures.get(signature_name or DEFAULT_SIGNATURE)
+        if fn is None:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f'Serving signature key "{signature_name}" not found. '
+                               f"Available: {sorted(self.signatures)}")
+        return fn
+
+    def check_inputs(self, signature_name: str, inputs: dict[str, np.ndarray]) -> int | None:
+        """Validate names, dtypes and shapes against the signature.
+
+        Returns the batch size (the shared dim 0) when the request could be merged with others, else None.
+        """
+        specs = self.input_specs(signature_name)
+        missing, unknown = sorted(set(specs) - set(inputs)), sorted(set(inputs) - set(specs))
+        if unknown:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"input tensor alias not found in signature: {', '.join(unknown)}. "
+                               f"Inputs expected to be in the set {{{', '.join(sorted(specs))}}}.")
+        if missing:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Missing input tensor alias(es): {', '.join(missing)}")
+        batch_sizes = set()
+        for name, spec in specs.items():
+            array = inputs[name]
+            want = spec.dtype
+            got_string = array.dtype == object or array.dtype.kind in "SU"
+            if (want == tf.string) != got_string or (want != tf.string and array.dtype != want.as_numpy_dtype):
+                got = "string" if got_string else tf.as_dtype(array.dtype).name if array.dtype != object else "?"
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"Expects input '{name}' to be {want.name} but {got} is provided")
+            if not spec.shape.is_compatible_with(array.shape):
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input '{name}' has shape {list(array.shape)} but the signature expects "
+                                   f"{spec.shape.as_list() if spec.shape.rank is not None else 'any'} "
+                                   "(None = any size)")
+            if spec.shape.rank and spec.shape[0] is None and array.ndim:
+                batch_sizes.add(array.shape[0])
+            else:
+                batch_sizes.add(None)
+        return batch_sizes.pop() if len(batch_sizes) == 1 else None
+
+    def run(self, signature_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fn = self.function(signature_name)
+        try:
+            outputs = fn(**{name: tf.constant(value) for name, value in inputs.items()})
+        except tf.errors.OpError as e:
+            raise ServingError(status_code_from_int(e.error_code), _tidy_tf_message(e.message)) from None
+        except (TypeError, ValueError) as e:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+    def warm_up(self) -> int:
+        path = self.path / WARMUP_FILE
+        if not path.exists():
+            return 0
+        count = 0
+        for record in tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_RECORDS):
+            entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            if not entry.HasField("predict_log"):
+                continue
+            request = entry.predict_log.request
+            inputs = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+            self.run(request.model_spec.signature_name, inputs)
+            count += 1
+        return count
+
+    @contextmanager
+    def in_use(self) -> Iterator["Servable"]:
+        with self._idle:
+            self._inflight += 1
+        try:
+            yield self
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+
+@dataclass
+class VersionStatus:
+    version: int
+    state: str  # as in GetModelStatusResponse: START, LOADING, AVAILABLE, UNLOADING, END
+    error_code: int = 0
+    error_message: str = ""
+
+
+def scan_versions(base_path: Path) -> dict[int, Path]:
+    if not base_path.is_dir():
+        return {}
+    return {int(p.name): p for p in base_path.iterdir() if re.fullmatch(r"\d+", p.name) and p.is_dir()}
+
+
+def _fingerprint(path: Path) -> tuple[int, int]:
+    pb = path / "saved_model.pb"
+    return path.stat().st_mtime_ns, pb.stat().st_mtime_ns if pb.exists() else 0
+
+
+@dataclass
+class Model:
+    name: str
+    base_path: Path
+    policy: VersionPolicy = field(default_factory=VersionPolicy)
+    labels: dict[str, int] = field(default_factory=dict)
+    _servables: dict[int, Servable] = field(default_factory=dict)
+    _status: dict[int, VersionStatus] = field(default_factory=dict)
+    _failed: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _wanted(self, candidates: set[int]) -> set[int]:
+        which = self.policy.WhichOneof("policy_choice")
+        if which == "all":
+            return set(candidates)
+        if which == "specific":
+            return candidates & set(self.policy.specific.versions)
+        return set(sorted(candidates)[-max(1, self.policy.latest.num_versions):])
+
+    def poll(self) -> None:
+        on_disk = scan_versions(self.base_path)
+        for version in list(self._failed):
+            if version not in on_disk or _fingerprint(on_disk[version]) != self._failed[version]:
+                del self._failed[version]
+        if not on_disk and not self._servables:
+            log.warning("No versions of servable %s found under base path %s", self.name, self.base_path)
+        while True:
+            wanted = self._wanted(set(on_disk) - set(self._failed))
+            missing = sorted(wanted - set(self._servables), reverse=True)
+            if not missing:
+                break
+            for version in missing:
+                self._load(version, on_disk[version])
+        for version in sorted(set(self._servables) - wanted):
+            self._unload(version)
+
+    def _set_status(self, version: int, state: str, code: int = 0, message: str = "") -> None:
+        with self._lock:
+            self._status[version] = VersionStatus(version, state, code, message)
+
+    def _load(self, version: int, path: Path) -> None:
+        log.info("Loading servable %s version %d from %s", self.name, version, path)
+        self._set_status(version, "LOADING")
+        started = time.monotonic()
+        try:
+            servable = Servable(self.name, version, path)
+            warmed = servable.warm_up()
+        except Exception as e:
+            code = e.code.value[0] if isinstance(e, ServingError) else grpc.StatusCode.UNKNOWN.value[0]
+            message = f"Failed to load servable {self.name} version {version}: {e}"
+            log.error("%s", message)
+            self._failed[version] = _fingerprint(path) if path.exists() else (0, 0)
+            self._set_status(version, "END", code, message)
+            return
+        with self._lock:
+            self._servables[version] = servable
+            self._status[version] = VersionStatus(version, "AVAILABLE")
+        log.info("Successfully loaded servable %s version %d in %.1f s (%d warmup requests)",
+                 self.name, version, time.monotonic() - started, warmed)
+
+    def _unload(self, version: int) -> None:
+        with self._lock:
+            servable = self._servables.pop(version)
+            self._status[version] = VersionStatus(version, "UNLOADING")
+        log.info("Unloading servable %s version %d", self.name, version)
+        if not servable.wait_idle(UNLOAD_DRAIN_SECONDS):
+            log.warning("Servable %s version %d still busy after %.0f s", self.name, version, UNLOAD_DRAIN_SECONDS)
+        self._set_status(version, "END")
+
+    def resolve(self, version: int | None = None, label: str | None = None) -> Servable:
+        with self._lock:
+            if label:
+                if label not in self.labels:
+                    raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                       f"Unrecognized servable version label: {label} (model {self.name})")
+                version = self.labels[label]
+            if version is None:
+                if self._servables:
+                    return self._servables[max(self._servables)]
+                raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({self.name})")
+            if version in self._servables:
+                return self._servables[version]
+        raise ServingError(grpc.StatusCode.NOT_FOUND,
+                           f"Servable not found for request: Specific({self.name}, {version})")
+
+    def statuses(self, version: int | None = None) -> list[VersionStatus]:
+        with self._lock:
+            if version is None:
+                return [self._status[v] for v in sorted(self._status)]
+            if version in self._status:
+                return [self._status[version]]
+        raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {self.name}")
+
+
+class ModelManager:
+    def __init__(self, models: list[Model], poll_wait_seconds: float = 1.0) -> None:
+        self.models = {model.name: model for model in models}
+        self.poll_wait_seconds = poll_wait_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_all(self) -> None:
+        for model in self.models.values():
+            try:
+                model.poll()
+            except Exception:  # a disappearing directory mid-scan and the like: try again next poll
+                log.exception("Polling model %s failed", model.name)
+
+    def start(self) -> None:
+        self.poll_all()
+        if self.poll_wait_seconds > 0:
+            self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
+            self._thread.start()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_wait_seconds):
+            self.poll_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=60)
+
+    def model(self, name: str) -> Model:
+        if name not in self.models:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({name})")
+        return self.models[name]
+
+    @contextmanager
+    def acquire(self, name: str, version: int | None = None, label: str | None = None) -> Iterator[Servable]:
+        with self.model(name).resolve(version, label).in_use() as servable:
+            yield servable

@@ -1,0 +1,210 @@
+"""TF Serving's REST API (g3doc/api_rest.md) on the standard library's threaded HTTP server.
+
+Routes: GET /v1/models/{name}[/versions/{v}|/labels/{l}][/metadata], POST ...:predict, and the Prometheus
+endpoint when monitoring enables it. Errors are {"error": "..."} with 400 for bad input, 404 for unknown
+models, versions and paths, 405 for a wrong method, 411/413 for a missing or too large body.
+"""
+
+import json
+import logging
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from serving.errors import ServingError
+from serving.grpc_service import signature_def_map, status_response
+from serving.models import Servable
+from serving.predict import Predictor
+from serving.tensors import inputs_from_json, outputs_to_json
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+_MODEL_PATH = re.compile(
+    r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?:(?P<metadata>/metadata)|:(?P<verb>predict|classify|regress))?/?")
+
+
+class RestServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256  # listen backlog: the default 5 stalls bursts of new connections for 1 s
+
+    def __init__(self, address: tuple[str, int], predictor: Predictor, metrics_path: str | None,
+                 timeout_seconds: float) -> None:
+        self.predictor = predictor
+        self.metrics_path = metrics_path
+        self.timeout_seconds = timeout_seconds
+        self.draining = False
+        self._inflight = 0
+        self._idle = threading.Condition()
+        super().__init__(address, RestHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else every answer waits ~40 ms (Nagle)
+        return conn, addr
+
+    def track(self, delta: int) -> None:
+        with self._idle:
+            self._inflight += delta
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+
+class RestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "EmbeddedTFServing"
+    server: RestServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.timeout_seconds  # bounds a slow or stalled client, per socket read
+        super().setup()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s - %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection or self.server.draining:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_json(self, status: int, payload: Any) -> None:
+        self._send(status, json.dumps(payload, indent=None).encode())
+
+    def _send_error(self, status: int, message: str) -> None:
+        self._send_json(status, {"error": message})
+
+    def _content_length(self) -> int | None:
+        """Checks the declared body size before anything is read; sends the error and returns None if bad."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._send_error(411, "Chunked request bodies are not supported: send a Content-Length")
+            return None
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            self._send_error(411, "A valid Content-Length header is required")
+            return None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the body stays unread, so this connection cannot be reused
+            self._send_error(413, f"Request body of {length} bytes is larger than the limit of {MAX_BODY_BYTES}")
+            return None
+        return length
+
+    def handle_expect_100(self) -> bool:
+        if self.command == "POST" and self._content_length() is None:
+            return False
+        return super().handle_expect_100()
+
+    def _dispatch(self) -> None:
+        self.server.track(1)
+        try:
+            self._route()
+        except ServingError as e:
+            self._send_error(e.http_status, e.message)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:  # a bug of ours: say so, keep the server up
+            log.exception("Unhandled error for %s %s", self.command, self.path)
+            self.close_connection = True
+            self._send_error(500, "Internal server error")
+        finally:
+            self.server.track(-1)
+
+    do_GET = do_POST = _dispatch
+
+    def _unsupported(self) -> None:
+        self.close_connection = True
+        self._send_error(405, f"Method {self.command} not allowed")
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _unsupported
+
+    def _route(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if self.server.metrics_path and path == self.server.metrics_path:
+            self._require("GET")
+            body = self.server.predictor.metrics.render().encode()
+            return self._send(200, body, "text/plain; version=0.0.4")
+        match = _MODEL_PATH.fullmatch(path)
+        if not match:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Malformed request: {self.command} {path}")
+        name, label, verb = match["name"], match["label"], match["verb"]
+        version = None
+        if match["version"] is not None:
+            if not match["version"].isdigit():
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Version must be an integer: {match['version']}")
+            version = int(match["version"])
+        if verb:
+            self._require("POST")
+            if verb != "predict":
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{verb} is not supported: use predict")
+            return self._predict(name, version, label)
+        self._require("GET")
+        if match["metadata"]:
+            return self._metadata(name, version, label)
+        manager = self.server.predictor.manager
+        if label:
+            version = manager.model(name).resolve(label=label).version
+        response = status_response(manager, name, version)
+        self._send_json(200, json_format.MessageToDict(response, preserving_proto_field_name=True,
+                                                       always_print_fields_with_no_presence=True))
+
+    def _require(self, method: str) -> None:
+        if self.command != method:
+            self.close_connection = True
+            raise _MethodNotAllowed(method)
+
+    def _metadata(self, name: str, version: int | None, label: str | None) -> None:
+        with self.server.predictor.manager.acquire(name, version, label) as servable:
+            signature_defs = json_format.MessageToDict(signature_def_map(servable), preserving_proto_field_name=True)
+            self._send_json(200, {"model_spec": {"name": name, "signature_name": "", "version": str(servable.version)},
+                                  "metadata": {"signature_def": signature_defs}})
+
+    def _predict(self, name: str, version: int | None, label: str | None) -> None:
+        length = self._content_length()
+        if length is None:
+            return
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            raise ConnectionError("client closed before sending the whole body")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"JSON Parse error: {e}") from None
+        signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
+        if not isinstance(signature_name, str):
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "\"signature_name\" must be a string")
+        row_format = "instances" in body if isinstance(body, dict) else True
+
+        def get_inputs(servable: Servable, signature_name: str) -> dict[str, np.ndarray]:
+            return inputs_from_json(body, servable.input_specs(signature_name))[0]
+
+        result = self.server.predictor.predict(name, version, label, signature_name, get_inputs, api="rest")
+        self._send_json(200, outputs_to_json(result.outputs, row_format))
+
+
+class _MethodNotAllowed(ServingError):
+    def __init__(self, allowed: str) -> None:
+        super().__init__(grpc.StatusCode.UNIMPLEMENTED, f"Method not allowed: use {allowed}")
+
+    @property
+    def http_status(self) -> int:
+        return 405

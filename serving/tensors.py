@@ -1,0 +1,145 @@
+"""Tensors in TF Serving's REST JSON (api_rest.md, util/json_tensor.cc) and in TensorProtos.
+
+Row format: {"instances": [...]}, one entry per example, an object keyed by input name or (one input) the
+bare value; answered with {"predictions": [...]}, a bare value per example for one output, else an object
+keyed by output name. Columnar: {"inputs": {...}} or (one input) {"inputs": value}; answered with
+{"outputs": ...} in the same way. Binary strings travel as {"b64": "..."}; string outputs whose name ends
+in "_bytes" are sent back that way.
+"""
+
+import base64
+import binascii
+from typing import Any
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2
+
+from serving.errors import ServingError
+
+
+def _invalid(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"b64"}
+
+
+def _decode_strings(value: Any, name: str) -> Any:
+    if _is_b64(value):
+        if not isinstance(value["b64"], str):
+            raise _invalid(f"'b64' value of input '{name}' must be a string")
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise _invalid(f"Unable to base64 decode the 'b64' value of input '{name}'") from None
+    if isinstance(value, list):
+        return [_decode_strings(item, name) for item in value]
+    if isinstance(value, str):
+        return value.encode()
+    raise _invalid(f"input '{name}' expects strings (or {{\"b64\": ...}} objects), got {type(value).__name__}")
+
+
+def json_to_array(value: Any, spec: tf.TensorSpec, name: str) -> np.ndarray:
+    if spec.dtype == tf.string:
+        decoded = _decode_strings(value, name)
+        try:
+            array = np.empty(np.shape(decoded), dtype=object)
+            array[...] = decoded
+        except ValueError:
+            raise _invalid(f"input '{name}' is ragged: all lists on one level must have the same length") from None
+        return array
+    if _contains(value, lambda v: isinstance(v, (dict, str))):
+        raise _invalid(f"input '{name}' expects {spec.dtype.name} numbers, got strings or objects")
+    try:
+        return np.asarray(value, dtype=spec.dtype.as_numpy_dtype)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise _invalid(f"input '{name}' could not be read as a {spec.dtype.name} tensor: {e}") from None
+
+
+def _contains(value: Any, test) -> bool:
+    if isinstance(value, list):
+        return any(_contains(v, test) for v in value)
+    return test(value)
+
+
+def inputs_from_json(body: Any, specs: dict[str, tf.TensorSpec]) -> tuple[dict[str, np.ndarray], bool]:
+    """Returns the input arrays and whether the request used the row ("instances") format."""
+    if not isinstance(body, dict):
+        raise _invalid("Request body must be a JSON object with \"instances\" or \"inputs\"")
+    if ("instances" in body) == ("inputs" in body):
+        raise _invalid("Request must have exactly one of \"instances\" (row format) or \"inputs\" (columnar format)")
+    if "inputs" in body:
+        value = body["inputs"]
+        if isinstance(value, dict) and not _is_b64(value):
+            named = value
+        elif len(specs) == 1:
+            named = {next(iter(specs)): value}
+        else:
+            raise _invalid(f"\"inputs\" must be an object keyed by input name: the signature has {sorted(specs)}")
+        return _arrays(named, specs), False
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise _invalid("\"instances\" must be a list")
+    if instances and all(isinstance(i, dict) and not _is_b64(i) for i in instances):
+        names = set(instances[0])
+        if any(set(i) != names for i in instances):
+            raise _invalid("Every instance must have the same named inputs")
+        named = {name: [i[name] for i in instances] for name in names}
+    elif len(specs) == 1:
+        named = {next(iter(specs)): instances}
+    else:
+        raise _invalid(f"Instances must be objects keyed by input name: the signature has {sorted(specs)}")
+    return _arrays(named, specs), True
+
+
+def _arrays(named: dict[str, Any], specs: dict[str, tf.TensorSpec]) -> dict[str, np.ndarray]:
+    unknown = sorted(set(named) - set(specs))
+    if unknown:
+        raise _invalid(f"input tensor alias not found in signature: {', '.join(unknown)}. "
+                       f"Inputs expected to be in the set {{{', '.join(sorted(specs))}}}.")
+    return {name: json_to_array(value, specs[name], name) for name, value in named.items()}
+
+
+def _to_json(array: np.ndarray, name: str) -> Any:
+    if array.dtype == object or array.dtype.kind == "S":
+        as_b64 = name.endswith("_bytes")
+
+        def convert(item: Any) -> Any:
+            if isinstance(item, list):
+                return [convert(i) for i in item]
+            if as_b64:
+                return {"b64": base64.b64encode(item).decode()}
+            return item.decode("utf-8", errors="replace")
+        return convert(array.tolist())
+    return array.tolist()
+
+
+def outputs_to_json(outputs: dict[str, np.ndarray], row_format: bool) -> dict[str, Any]:
+    if not row_format:
+        if len(outputs) == 1:
+            (name, value), = outputs.items()
+            return {"outputs": _to_json(value, name)}
+        return {"outputs": {name: _to_json(value, name) for name, value in outputs.items()}}
+    sizes = {value.shape[0] if value.ndim else None for value in outputs.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "Outputs do not share a batch dimension: use the columnar (\"inputs\") format")
+    if len(outputs) == 1:
+        (name, value), = outputs.items()
+        return {"predictions": _to_json(value, name)}
+    columns = {name: _to_json(value, name) for name, value in outputs.items()}
+    return {"predictions": [{name: column[i] for name, column in columns.items()} for i in range(sizes.pop())]}
+
+
+def array_from_proto(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
+    try:
+        return tf.make_ndarray(proto)
+    except Exception as e:
+        raise _invalid(f"input '{name}' is not a valid TensorProto: {e}") from None
+
+
+def array_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
+    return tf.make_tensor_proto(array)

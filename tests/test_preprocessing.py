@@ -1,0 +1,103 @@
+"""The in-graph decoding: real encoded files of every format in, MNIST-like 28x28 white-on-black out."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from training import preprocessing
+
+decode = tf.function(preprocessing.decode_batch, input_signature=[tf.TensorSpec([None], tf.string)])
+
+
+def run(*files: bytes) -> np.ndarray:
+    return decode(tf.constant(list(files))).numpy()
+
+
+def encode(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small, valid-looking PNG whose header declares width x height pixels: a decompression bomb."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 200_000))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def digit(mnist_test_arrays) -> tuple[np.ndarray, np.ndarray]:
+    """A real MNIST digit as uint8 [28, 28] and as the float [28, 28, 1] the model trained on."""
+    image = mnist_test_arrays[0][0, :, :, 0]
+    return image, image[..., None].astype(np.float32) / 255.0
+
+
+def test_mnist_png_decodes_to_exactly_the_training_input(digit):
+    image, expected = digit
+    np.testing.assert_allclose(run(encode(image, "PNG"))[0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "GIF", "JPEG"])
+def test_every_format_decodes(digit, fmt):
+    image, expected = digit
+    out = run(encode(np.stack([image] * 3, axis=-1), fmt))[0]
+    assert out.shape == (28, 28, 1)
+    assert np.abs(out - expected).mean() < (0.03 if fmt == "JPEG" else 1e-3)
+
+
+def test_dark_ink_on_light_paper_is_turned_white_on_black(digit):
+    image, expected = digit
+    big = np.kron(255 - image, np.ones((10, 10), np.uint8))  # 280x280, black on white
+    out = run(encode(big, "PNG"))[0]
+    assert np.abs(out - expected).mean() < 0.05
+
+
+def test_transparent_background_takes_the_colour_that_contrasts_with_the_ink(digit):
+    image, expected = digit
+    black_ink = np.zeros((28, 28, 4), np.uint8)
+    black_ink[..., 3] = image  # opaque where the digit is, black everywhere
+    white_ink = black_ink.copy()
+    white_ink[..., :3] = 255
+    for rgba in (black_ink, white_ink):
+        out = run(encode(rgba, "PNG", "RGBA"))[0]
+        assert np.abs(out - expected).mean() < 0.02
+
+
+def test_batch_of_mixed_sizes_and_formats(digit):
+    image, _ = digit
+    files = [encode(image, "PNG"), encode(np.kron(image, np.ones((3, 5), np.uint8)), "JPEG"),
+             encode(image[:10, :20], "BMP")]
+    assert run(*files).shape == (3, 28, 28, 1)
+
+
+@pytest.mark.parametrize("width,height", [(13_000, 13_000), (4097, 10), (10, 5000)])
+def test_declared_size_over_the_limit_is_refused_before_decoding(width, height):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"image declares {width}x{height} pixels"):
+        run(png_declaring(width, height))
+
+
+def test_declared_size_is_read_from_every_header():
+    wide = np.zeros((30, 70), np.uint8)
+    for fmt in ("PNG", "GIF", "BMP", "JPEG"):
+        height, width = preprocessing.declared_size(tf.constant(encode(wide, fmt)))
+        assert (int(height), int(width)) == (30, 70), fmt
+    assert [int(v) for v in preprocessing.declared_size(tf.constant(b"no header"))] == [0, 0]
+
+
+@pytest.mark.parametrize("payload,message", [
+    (b"", "empty"),
+    (b"hello, this is text", "Unknown image file format"),
+    (bytes(range(256)) * 4, "Unknown image file format"),
+    (png_declaring(28, 28)[:40], "PNG"),
+])
+def test_what_is_not_an_image_is_an_invalid_argument(payload, message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        run(payload)

@@ -1,0 +1,297 @@
+"""The embedded server's gRPC and REST APIs against a real trained model: answers, metadata, status, errors."""
+
+from __future__ import annotations
+
+import base64
+import socket
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    predict_pb2,
+)
+
+from tests.test_server_support import (
+    decompression_bomb_png,
+    metric_value,
+    model_stub,
+    predict_request,
+    prediction_stub,
+    rest,
+    start_test_server,
+)
+
+ROOT_CONFIG = """
+model_config_list {{
+  config {{
+    name: "mnist"
+    base_path: "{base_path}"
+    model_platform: "tensorflow"
+    version_labels {{ key: "stable" value: 1 }}
+  }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def server(model_base_path, tmp_path_factory):
+    config = tmp_path_factory.mktemp("config") / "models.config"
+    config.write_text(ROOT_CONFIG.format(base_path=model_base_path))
+    running = start_test_server(model_base_path, model_base_path="", model_config_file=str(config),
+                                monitoring_config_file="serving/monitoring.config")
+    yield running
+    running.stop(grace_seconds=5)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    return prediction_stub(server)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_png_bytes):
+    return [png for png, _ in mnist_png_bytes], [label for _, label in mnist_png_bytes]
+
+
+def b64(data: bytes) -> dict:
+    return {"b64": base64.b64encode(data).decode()}
+
+
+def assert_good_answer(server, stub, digits) -> None:
+    """The server still answers a normal request correctly."""
+    images = digits[0]
+    response = stub.Predict(predict_request(images[:2]), timeout=30)
+    assert tf.make_ndarray(response.outputs["digit"]).shape == (2,)
+    status, body = rest(server, "/v1/models/mnist:predict", {"instances": [b64(images[0])]})
+    assert status == 200, body
+    assert body["predictions"][0]["digit"] in range(10)
+
+
+def test_grpc_predict_reads_real_digits(stub, digits):
+    images, labels = digits
+    response = stub.Predict(predict_request(images), timeout=30)
+    digit = tf.make_ndarray(response.outputs["digit"])
+    probability = tf.make_ndarray(response.outputs["probability"])
+    probabilities = tf.make_ndarray(response.outputs["probabilities"])
+    assert digit.dtype == np.int64 and probabilities.shape == (len(images), 10)
+    np.testing.assert_array_equal(digit, probabilities.argmax(axis=1))
+    np.testing.assert_allclose(probability, probabilities.max(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
+    assert (digit == np.array(labels)).mean() >= 0.7
+    assert response.model_spec.name == "mnist" and response.model_spec.version.value == 1
+    assert response.model_spec.signature_name == "serving_default"
+
+
+def test_grpc_version_label_and_output_filter(stub, digits):
+    request = predict_request(digits[0][:3])
+    request.model_spec.version_label = "stable"
+    request.output_filter.append("digit")
+    response = stub.Predict(request, timeout=30)
+    assert set(response.outputs) == {"digit"}
+    assert response.model_spec.version.value == 1
+
+
+def test_grpc_predict_pixels_signature(stub, digits):
+    pixels = np.stack([tf.io.decode_png(png).numpy() for png in digits[0][:4]]).astype(np.float32) / 255.0
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    request.model_spec.signature_name = "predict_pixels"
+    request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(pixels))
+    by_pixels = tf.make_ndarray(stub.Predict(request, timeout=30).outputs["digit"])
+    by_bytes = tf.make_ndarray(stub.Predict(predict_request(digits[0][:4]), timeout=30).outputs["digit"])
+    np.testing.assert_array_equal(by_pixels, by_bytes)
+
+
+def test_rest_row_and_columnar_formats_agree_with_grpc(server, stub, digits):
+    images = digits[0][:3]
+    expected = tf.make_ndarray(stub.Predict(predict_request(images), timeout=30).outputs["digit"]).tolist()
+
+    status, rows = rest(server, "/v1/models/mnist:predict", {"instances": [b64(i) for i in images]})
+    assert status == 200, rows
+    assert [row["digit"] for row in rows["predictions"]] == expected
+    assert set(rows["predictions"][0]) == {"digit", "probability", "probabilities"}
+    assert len(rows["predictions"][0]["probabilities"]) == 10
+
+    status, named_rows = rest(server, "/v1/models/mnist/versions/1:predict",
+                              {"instances": [{"image_bytes": b64(i)} for i in images]})
+    assert status == 200 and named_rows == rows
+
+    status, columns = rest(server, "/v1/models/mnist/labels/stable:predict",
+                           {"signature_name": "serving_default", "inputs": {"image_bytes": [b64(i) for i in images]}})
+    assert status == 200, columns
+    assert columns["outputs"]["digit"] == expected
+    assert np.array(columns["outputs"]["probabilities"]).shape == (3, 10)
+
+
+def test_rest_pixels_columnar(server, digits):
+    pixels = (tf.io.decode_png(digits[0][0]).numpy().astype(np.float32) / 255.0)[None].tolist()
+    status, body = rest(server, "/v1/models/mnist:predict", {"signature_name": "predict_pixels", "inputs": pixels})
+    assert status == 200, body
+    assert len(body["outputs"]["digit"]) == 1
+
+
+def test_grpc_metadata_is_a_signature_def_map(stub):
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "mnist"
+    response = stub.GetModelMetadata(request, timeout=30)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(signatures)
+    default = signatures.signature_def["serving_default"]
+    assert default.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+    assert set(default.outputs) == {"digit", "probability", "probabilities"}
+    assert "predict_pixels" in signatures.signature_def
+    assert response.model_spec.version.value == 1
+
+
+def test_rest_metadata_and_status(server):
+    status, body = rest(server, "/v1/models/mnist/versions/1/metadata")
+    assert status == 200, body
+    assert body["model_spec"] == {"name": "mnist", "signature_name": "", "version": "1"}
+    inputs = body["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
+    assert inputs["image_bytes"]["dtype"] == "DT_STRING"
+
+    status, body = rest(server, "/v1/models/mnist")
+    assert status == 200
+    assert body == {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    assert rest(server, "/v1/models/mnist/versions/1")[0] == 200
+
+
+def test_grpc_model_status(server):
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "mnist"
+    response = model_stub(server).GetModelStatus(request, timeout=10)
+    (entry,) = response.model_version_status
+    assert entry.version == 1 and entry.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+
+@pytest.mark.parametrize("image", [b"", b"hello, I am not an image", "random", "truncated", "bomb"])
+def test_bad_images_are_invalid_argument_then_service_continues(server, stub, digits, image):
+    png = digits[0][0]
+    image = {"random": np.random.default_rng(0).bytes(600), "truncated": png[:len(png) // 2],
+             "bomb": decompression_bomb_png()}.get(image, image)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(predict_request([image]), timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() and "Graph execution error" not in error.value.details()
+
+    status, body = rest(server, "/v1/models/mnist:predict", {"instances": [b64(image)]})
+    assert status == 400 and body["error"]
+    assert_good_answer(server, stub, digits)
+
+
+def test_bomb_message_says_what_was_wrong(stub):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(predict_request([decompression_bomb_png()]), timeout=60)
+    assert "13000" in error.value.details()
+
+
+@pytest.mark.parametrize("change, code", [
+    (lambda r: setattr(r.model_spec, "name", "nope"), grpc.StatusCode.NOT_FOUND),
+    (lambda r: r.model_spec.version.__setattr__("value", 42), grpc.StatusCode.NOT_FOUND),
+    (lambda r: setattr(r.model_spec, "version_label", "canary"), grpc.StatusCode.NOT_FOUND),
+    (lambda r: setattr(r.model_spec, "signature_name", "nope"), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.output_filter.append("nope"), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.inputs["extra"].CopyFrom(tf.make_tensor_proto([1.0])), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.inputs.pop("image_bytes"), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([1.0, 2.0])), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([[b"a"]])), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.inputs["image_bytes"].tensor_shape.dim.add(size=5), grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_grpc_request_mistakes(server, stub, digits, change, code):
+    request = predict_request(digits[0][:1])
+    change(request)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(request, timeout=30)
+    assert error.value.code() == code, error.value.details()
+    assert error.value.details()
+    assert_good_answer(server, stub, digits)
+
+
+def test_grpc_oversized_request_is_resource_exhausted(server, stub, digits):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(predict_request([b"\0" * (17 * 1024 * 1024)]), timeout=60)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_good_answer(server, stub, digits)
+
+
+def test_grpc_unimplemented_methods(server, stub):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Classify(classification_pb2.ClassificationRequest(), timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.RpcError) as error:
+        model_stub(server).HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(), timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("path, body, raw, method, status", [
+    ("/v1/models/mnist:predict", None, b"{not json", "POST", 400),
+    ("/v1/models/mnist:predict", None, b"\xff\xfe", "POST", 400),
+    ("/v1/models/mnist:predict", {"instances": [{"b64": "!!not base64!!"}]}, None, "POST", 400),
+    ("/v1/models/mnist:predict", {"instances": [3.5]}, None, "POST", 400),
+    ("/v1/models/mnist:predict", {"instances": "x"}, None, "POST", 400),
+    ("/v1/models/mnist:predict", {"nothing": []}, None, "POST", 400),
+    ("/v1/models/mnist:predict", [1, 2], None, "POST", 400),
+    ("/v1/models/mnist:predict", {"inputs": {"wrong_name": ["a"]}}, None, "POST", 400),
+    ("/v1/models/mnist:predict", {"signature_name": "nope", "instances": ["a"]}, None, "POST", 400),
+    ("/v1/models/mnist:predict", {"signature_name": "predict_pixels", "inputs": [[1, 2], [3]]}, None, "POST", 400),
+    ("/v1/models/nope:predict", {"instances": ["a"]}, None, "POST", 404),
+    ("/v1/models/mnist/versions/42:predict", {"instances": ["a"]}, None, "POST", 404),
+    ("/v1/models/mnist/versions/42", None, None, "GET", 404),
+    ("/v1/models/mnist/versions/x/metadata", None, None, "GET", 400),
+    ("/v1/models/nope/metadata", None, None, "GET", 404),
+    ("/v2/whatever", None, None, "GET", 404),
+    ("/v1/models/mnist:predict", None, None, "GET", 405),
+    ("/v1/models/mnist", {}, None, "POST", 405),
+    ("/v1/models/mnist", None, None, "DELETE", 405),
+])
+def test_rest_request_mistakes(server, stub, digits, path, body, raw, method, status):
+    got, answer = rest(server, path, body, method=method, raw=raw)
+    assert got == status, answer
+    assert isinstance(answer, dict) and answer["error"]
+    assert_good_answer(server, stub, digits)
+
+
+def _raw_http(server, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_rest_oversized_body_is_413_before_reading_it(server, stub, digits):
+    answer = _raw_http(server, b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Length: 100000000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413")
+    answer = _raw_http(server, b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 411")
+    assert_good_answer(server, stub, digits)
+
+
+def test_rest_keep_alive_serves_several_requests_on_one_connection(server):
+    request = b"GET /v1/models/mnist HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
+        sock.sendall(request + request[:-2] + b"Connection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_prometheus_metrics_count_requests(server, stub, digits):
+    status, text = rest(server, "/monitoring/prometheus/metrics")
+    before = metric_value(text, ':tensorflow:serving:request_count{model_name="mnist",api="grpc",status="OK"}')
+    stub.Predict(predict_request(digits[0][:1]), timeout=30)
+    status, text = rest(server, "/monitoring/prometheus/metrics")
+    assert status == 200
+    after = metric_value(text, ':tensorflow:serving:request_count{model_name="mnist",api="grpc",status="OK"}')
+    assert after == before + 1
+    assert ":tensorflow:serving:request_latency_bucket" in text

@@ -1,0 +1,86 @@
+"""Server-side batching: concurrent requests merge into one signature call, a bad image fails only its request."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.test_server_support import (
+    decompression_bomb_png,
+    metric_value,
+    predict_request,
+    prediction_stub,
+    rest,
+    start_test_server,
+)
+
+BATCH = 8
+# A batch only leaves the queue when full (the timeout is far longer than the test), so a group of BATCH
+# concurrent requests is exactly one merged call however slow the machine is.
+BATCHING_CONFIG = f"""
+max_batch_size {{ value: {BATCH} }}
+batch_timeout_micros {{ value: 60000000 }}
+num_batch_threads {{ value: 2 }}
+max_enqueued_batches {{ value: 10 }}
+"""
+
+
+@pytest.fixture(scope="module")
+def server(model_base_path, tmp_path_factory):
+    config = tmp_path_factory.mktemp("batching") / "batching.config"
+    config.write_text(BATCHING_CONFIG)
+    running = start_test_server(model_base_path, enable_batching=True, batching_parameters_file=str(config),
+                                monitoring_config_file="serving/monitoring.config")
+    yield running
+    running.stop(grace_seconds=5)
+
+
+@pytest.fixture(scope="module")
+def expected(model_base_path, mnist_png_bytes):
+    """Digits for the first BATCH images, straight from the SavedModel without the server."""
+    signature = tf.saved_model.load(str(model_base_path / "1")).signatures["serving_default"]
+    images = [png for png, _ in mnist_png_bytes[:BATCH]]
+    return images, signature(image_bytes=tf.constant(images))["digit"].numpy()
+
+
+def batch_stats(server) -> tuple[float, float]:
+    """(number of merged calls, images in them) from the Prometheus endpoint."""
+    status, text = rest(server, "/monitoring/prometheus/metrics")
+    assert status == 200
+    name = ":tensorflow:serving:batching_session:processed_batch_size"
+    return metric_value(text, f"{name}_count"), metric_value(text, f"{name}_sum")
+
+
+def test_concurrent_requests_are_merged_into_one_call(server, expected):
+    images, digits = expected
+    stub = prediction_stub(server)
+    calls_before, images_before = batch_stats(server)
+    futures = [stub.Predict.future(predict_request([image]), timeout=120) for image in images]
+    answers = [tf.make_ndarray(f.result().outputs["digit"]) for f in futures]
+    assert [a.shape for a in answers] == [(1,)] * BATCH
+    np.testing.assert_array_equal(np.concatenate(answers), digits)  # each got its own row back
+    calls_after, images_after = batch_stats(server)
+    assert (calls_after - calls_before, images_after - images_before) == (1, BATCH)
+
+
+def test_bad_image_in_a_merged_batch_fails_only_its_request(server, expected):
+    images, digits = expected
+    stub = prediction_stub(server)
+    calls_before, _ = batch_stats(server)
+    requests = [[image] for image in images[:BATCH - 2]] + [[b"not an image"], [decompression_bomb_png()]]
+    futures = [stub.Predict.future(predict_request(r), timeout=120) for r in requests]
+    good = [tf.make_ndarray(f.result().outputs["digit"]) for f in futures[:BATCH - 2]]
+    np.testing.assert_array_equal(np.concatenate(good), digits[:BATCH - 2])
+    for future in futures[BATCH - 2:]:
+        with pytest.raises(grpc.RpcError) as error:
+            future.result()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert batch_stats(server)[0] == calls_before + 1
+
+
+def test_request_larger_than_max_batch_size_still_runs(server, mnist_png_bytes):
+    images = [png for png, _ in mnist_png_bytes[:BATCH + 3]]
+    response = prediction_stub(server).Predict(predict_request(images), timeout=120)
+    assert tf.make_ndarray(response.outputs["digit"]).shape == (BATCH + 3,)

@@ -1,0 +1,107 @@
+"""`python -m serving.server` as a process: the shipped configs, the base_path rule, SIGTERM draining."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+from serving import configs
+from serving.batching import BatchingOptions
+from serving.server import build_models, parse_args
+from tests.test_server_support import copy_model_base, predict_request, prediction_stub
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_files_parse_with_the_tf_serving_protos():
+    models = configs.read_text_proto(ROOT / "serving/models.config", configs.ModelServerConfig)
+    (model,) = models.model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == ("mnist", "/models/mnist", "tensorflow")
+    assert model.model_version_policy.WhichOneof("policy_choice") == "latest"
+    batching = BatchingOptions.from_proto(
+        configs.read_text_proto(ROOT / "serving/batching.config", configs.BatchingParameters))
+    assert batching.max_batch_size >= 8 and batching.num_batch_threads >= 1 and batching.batch_timeout_micros > 0
+    monitoring = configs.read_text_proto(ROOT / "serving/monitoring.config", configs.MonitoringConfig)
+    assert monitoring.prometheus_config.enable
+    assert monitoring.prometheus_config.path == "/monitoring/prometheus/metrics"
+
+
+def test_config_syntax_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.config"
+    bad.write_text("model_config_list { config { nme: 'x' } }")
+    with pytest.raises(ValueError, match=r"bad\.config"):
+        configs.read_text_proto(bad, configs.ModelServerConfig)
+
+
+def test_flags_mirror_tensorflow_model_server():
+    options = parse_args(["--port=9000", "--rest_api_port", "9001", "--model_name=mnist", "--model_base_path=m",
+                          "--enable_batching", "--file_system_poll_wait_seconds=0", "--rest_api_timeout_in_ms=5000"])
+    assert (options.port, options.rest_api_port, options.model_name, options.model_base_path) == (9000, 9001,
+                                                                                                  "mnist", "m")
+    assert options.enable_batching is True and options.file_system_poll_wait_seconds == 0
+    assert parse_args(["--enable_batching=false"]).enable_batching is False
+
+
+def test_container_base_path_resolves_relative_to_the_current_dir(tmp_path, monkeypatch):
+    (tmp_path / "models" / "mnist").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    (model,) = build_models(parse_args([f"--model_config_file={ROOT / 'serving/models.config'}"]))
+    assert model.name == "mnist" and model.base_path == Path("models/mnist")
+    (model,) = build_models(parse_args([f"--model_config_file={ROOT / 'serving/models.config'}",
+                                        "--model_name=mnist", "--model_base_path=/elsewhere"]))
+    assert model.base_path == Path("/elsewhere")
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(model_base_path, tmp_path, mnist_png_bytes):
+    copy_model_base(model_base_path, tmp_path / "models" / "mnist")
+    batching = tmp_path / "batching.config"
+    # A lone request waits up to 3 s for company: long enough to be in flight when SIGTERM arrives.
+    batching.write_text("max_batch_size { value: 64 } batch_timeout_micros { value: 3000000 }")
+    command = [sys.executable, "-m", "serving.server", f"--model_config_file={ROOT / 'serving/models.config'}",
+               "--port=0", "--rest_api_port=0", "--host=127.0.0.1", "--enable_batching",
+               f"--batching_parameters_file={batching}",
+               f"--monitoring_config_file={ROOT / 'serving/monitoring.config'}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    output = []
+    try:
+        while True:
+            line = lines.get(timeout=120)
+            assert line is not None, "server exited early:\n" + "".join(output)
+            output.append(line)
+            if line.startswith("listening "):
+                ports = dict(item.split("=") for item in line.split()[1:])
+                break
+        server = type("Ports", (), {"grpc_port": int(ports["grpc_port"])})
+        future = prediction_stub(server).Predict.future(predict_request([mnist_png_bytes[0][0]]), timeout=60)
+        time.sleep(1.0)  # let the request reach the batch queue (ordering, not a speed assertion)
+        process.send_signal(signal.SIGTERM)
+        response = future.result()
+        assert tf.make_ndarray(response.outputs["digit"]).shape == (1,)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    while (line := lines.get(timeout=10)) is not None:
+        output.append(line)
+    text = "".join(output)
+    assert "Loading servable mnist version 1 from models/mnist/1" in text
+    assert "draining" in text and "Exiting cleanly" in text

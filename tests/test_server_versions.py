@@ -1,0 +1,111 @@
+"""Model version management: a new version switched in under load, a broken one ignored, a removed one unloaded."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import threading
+
+import grpc
+import pytest
+
+from tests.test_server_support import (
+    copy_model_base,
+    model_states,
+    predict_request,
+    prediction_stub,
+    rest,
+    start_test_server,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def base(model_base_path, tmp_path_factory):
+    return copy_model_base(model_base_path, tmp_path_factory.mktemp("versions") / "mnist")
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    running = start_test_server(base, file_system_poll_wait_seconds=0.2)
+    yield running
+    running.stop(grace_seconds=5)
+
+
+def served_version(stub, image: bytes) -> int:
+    return stub.Predict(predict_request([image]), timeout=30).model_spec.version.value
+
+
+def test_new_version_switches_in_under_load_without_failed_requests(server, base, mnist_png_bytes):
+    stub = prediction_stub(server)
+    image = mnist_png_bytes[0][0]
+    encoded = base64.b64encode(image).decode()
+    seen: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer(use_rest: bool) -> None:
+        while not stop.is_set() and len(seen) < 5000:
+            try:
+                if use_rest:
+                    status, body = rest(server, "/v1/models/mnist:predict", {"instances": [{"b64": encoded}]})
+                    if status != 200:
+                        failures.append(f"REST {status}: {body}")
+                else:
+                    seen.append(served_version(stub, image))
+            except grpc.RpcError as e:
+                failures.append(f"gRPC {e.code()}: {e.details()}")
+
+    threads = [threading.Thread(target=hammer, args=(i == 0,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(seen) > 10, what="traffic on version 1")
+        staging = base / ".tmp-2"  # not a version: the server must ignore it while it is being written
+        shutil.copytree(base / "1", staging)
+        staging.rename(base / "2")
+        wait_for(lambda: seen and seen[-1] == 2, what="version 2 to be served")
+        count = len(seen)
+        wait_for(lambda: len(seen) > count + 10, what="more traffic on version 2")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert failures == []
+    assert seen[0] == 1 and seen[-1] == 2
+    assert 2 not in seen[:seen.index(2)] and set(seen[seen.index(2):]) == {2}  # never back to 1
+    wait_for(lambda: model_states(server).get(1, ("",))[0] == "END", what="version 1 to be unloaded")
+    assert model_states(server)[2] == ("AVAILABLE", "")
+
+
+def test_broken_new_version_keeps_the_old_one_serving(server, base, mnist_png_bytes):
+    stub = prediction_stub(server)
+    image = mnist_png_bytes[0][0]
+    wait_for(lambda: served_version(stub, image) == 2, what="version 2 from the previous test")
+    broken = base / ".tmp-3"
+    shutil.copytree(base / "2", broken)
+    (broken / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+    broken.rename(base / "3")
+    wait_for(lambda: model_states(server).get(3, ("",))[0] == "END", what="version 3 to fail")
+    message = model_states(server)[3][1]
+    assert "version 3" in message
+    assert served_version(stub, image) == 2
+    assert model_states(server)[2] == ("AVAILABLE", "")
+    status, body = rest(server, "/v1/models/mnist/versions/3")
+    assert status == 200 and body["model_version_status"][0]["status"]["error_code"] != "OK"
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(predict_request([image], version=3), timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_removed_version_is_unloaded(server, base, mnist_png_bytes):
+    stub = prediction_stub(server)
+    image = mnist_png_bytes[0][0]
+    shutil.rmtree(base / "3")
+    shutil.rmtree(base / "2")  # 1 is still on disk: latest policy goes back to it
+    wait_for(lambda: model_states(server).get(2, ("",))[0] == "END", what="version 2 to be unloaded")
+    wait_for(lambda: served_version(stub, image) == 1, what="version 1 to be served again")
+    request = predict_request([image], version=2)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND

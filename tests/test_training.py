@@ -1,0 +1,149 @@
+"""A tiny training run, end to end: callbacks, export, reload, predictions on PNG bytes, versions, resume."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from tests.conftest import tiny_config
+from training import evaluate, export, train
+from training.model import build_model
+
+
+def test_run_exports_version_1_with_metrics_reports_and_logs(trained, model_base_path):
+    cfg = trained["cfg"]
+    assert export.versions(model_base_path) == [1]
+    assert not [p for p in model_base_path.iterdir() if p.name.startswith(".tmp")]
+    published = json.loads((model_base_path / "1" / "assets.extra" / "metrics.json").read_text())
+    assert published["test"]["examples"] == cfg.test_subset
+    assert published["test"]["accuracy"] == trained["test"]["accuracy"] > 0.85
+    assert published["config"]["train_subset"] == cfg.train_subset
+    reports = Path(cfg.reports_dir)
+    assert json.loads((reports / "metrics.json").read_text())["export_path"] == str(model_base_path / "1")
+    for png in ("training_curves.png", "confusion_matrix.png", "misclassified.png"):
+        assert (reports / png).read_bytes().startswith(b"\x89PNG")
+    run_dir = Path(cfg.run_dir)
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert len(history) == cfg.epochs + 1 and "val_accuracy" in history[0]
+    assert (run_dir / "best.keras").exists()
+    assert any((run_dir / "tensorboard").iterdir())
+
+
+def test_reloaded_model_reads_real_digits_from_png_bytes(model_base_path, mnist_png_bytes):
+    loaded = tf.saved_model.load(str(model_base_path / "1"))
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant([png for png, _ in mnist_png_bytes]))
+    labels = np.array([label for _, label in mnist_png_bytes])
+    digits = out["digit"].numpy()
+    assert out["digit"].dtype == tf.int64 and out["probability"].dtype == tf.float32
+    assert (digits == labels).mean() >= 0.85
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out["probability"].numpy(), out["probabilities"].numpy().max(axis=1))
+    np.testing.assert_array_equal(digits, out["probabilities"].numpy().argmax(axis=1))
+
+
+def test_pixel_signature_agrees_with_the_bytes_signature(model_base_path, mnist_test_arrays):
+    images = mnist_test_arrays[0][:16]
+    loaded = tf.saved_model.load(str(model_base_path / "1"))
+    by_pixels = loaded.signatures["predict_pixels"](pixels=tf.constant(images.astype(np.float32) / 255.0))
+    by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant(evaluate.encode_pngs(images)))
+    np.testing.assert_allclose(by_pixels["probabilities"], by_bytes["probabilities"], atol=1e-5)
+
+
+def test_warmup_file_holds_real_predict_requests(model_base_path):
+    path = model_base_path / "1" / "assets.extra" / export.WARMUP_FILE
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+    assert [len(log.predict_log.request.inputs["image_bytes"].string_val) for log in logs] == [1, 8]
+    request = logs[1].predict_log.request
+    assert request.model_spec.name == "mnist" and request.model_spec.signature_name == "serving_default"
+    assert all(b.startswith(b"\x89PNG") for b in request.inputs["image_bytes"].string_val)
+
+
+def test_saved_model_cli_lists_the_signatures(model_base_path):
+    cli = [sys.executable, "-c", "from tensorflow.python.tools.saved_model_cli import main; main()"]
+    shown = subprocess.run([*cli, "show", "--dir", str(model_base_path / "1"), "--all"],
+                           capture_output=True, text=True, check=True).stdout
+    for line in ("signature_def['serving_default']", "inputs['image_bytes'] tensor_info", "dtype: DT_STRING",
+                 "outputs['digit'] tensor_info", "outputs['probability'] tensor_info",
+                 "outputs['probabilities'] tensor_info", "signature_def['predict_pixels']",
+                 "shape: (-1, 28, 28, 1)"):
+        assert line in shown
+
+
+def test_a_second_export_becomes_version_2_and_a_broken_one_none(copy_base, mnist_png_bytes, trained):
+    base = copy_base()
+    model = build_model(trained["cfg"])
+    warmup = [png for png, _ in mnist_png_bytes[:2]]
+    assert export.export_model(model, base, warmup, {"note": "second"}) == base / "2"
+    assert export.versions(base) == [1, 2]
+    assert json.loads((base / "2" / "assets.extra" / "metrics.json").read_text()) == {"note": "second"}
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        export.export_model(model, base, [b"not an image"])  # fails its own check: no version 3
+    assert export.versions(base) == [1, 2]
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2"]
+
+
+class _Interrupt(keras.callbacks.Callback):
+    """Stands for a killed process: raises after the given epoch has been backed up."""
+
+    def __init__(self, after_epoch: int):
+        super().__init__()
+        self.after_epoch = after_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.after_epoch:
+            raise KeyboardInterrupt
+
+
+class _EpochsSeen(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path, data_dir, train_subset=512, validation_size=256, epochs=3, batch_size=128)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(cfg, [_Interrupt(after_epoch=1)])
+    seen = _EpochsSeen()
+    train.fit(cfg, [seen])
+    assert seen.epochs == [2]
+    rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["0", "1", "2"]  # one log across both processes
+    seen = _EpochsSeen()
+    train.fit(cfg, [seen])  # a finished run leaves no backup: the next one starts afresh
+    assert seen.epochs == [0, 1, 2]
+
+
+def test_seeded_runs_are_reproducible(tmp_path, data_dir):
+    weights = []
+    for run in ("a", "b"):
+        cfg = tiny_config(tmp_path / run, data_dir, train_subset=256, validation_size=128, epochs=1,
+                          batch_size=64, deterministic=True, augment=True)
+        weights.append(train.fit(cfg).get_layer("conv1").get_weights()[0])
+    np.testing.assert_array_equal(weights[0], weights[1])
+
+
+def test_evaluate_cli_reports_on_the_newest_version(model_base_path, data_dir, tmp_path, capsys):
+    evaluate.main(["--model", str(model_base_path), "--data-dir", data_dir, "--reports-dir", str(tmp_path),
+                   "--test-subset", "100"])
+    assert "accuracy" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test"]["examples"] == 100 and metrics["model"].endswith("/1")
+
+
+def test_classification_metrics_on_known_answers():
+    probabilities = np.eye(10, dtype=np.float32)[[0, 1, 2, 2]]
+    metrics = evaluate.classification_metrics(probabilities, np.array([0, 1, 2, 3]))
+    assert metrics["accuracy"] == 0.75 and metrics["errors"] == 1
+    assert metrics["per_class"]["2"] == {"precision": 0.5, "recall": 1.0, "support": 1}
+    assert metrics["per_class"]["3"]["recall"] == 0.0
+    assert metrics["confusion_matrix"][3][2] == 1

@@ -1,0 +1,82 @@
+"""The one place that holds every hyperparameter and path of a training run.
+
+Each field is a CLI flag of `python -m training.train` (`--batch-size` for `batch_size`); the defaults
+are the ones the README's figures were measured with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Config:
+    # Data.
+    data_dir: str = field(default="data/tfds", metadata={"help": "tfds data dir (prepared offline if needed)"})
+    validation_size: int = field(default=5000, metadata={"help": "training images held out for validation"})
+    train_subset: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
+    test_subset: int = field(default=0, metadata={"help": "evaluate on the first N test images (0: all)"})
+
+    # Network (the prescribed layers; sizes are ours).
+    conv1_filters: int = 32
+    conv2_filters: int = 48
+    conv3_filters: int = 64
+    conv1_kernel: int = 5
+    branch1_kernel: int = field(default=3, metadata={"help": "kernel of conv2_1 and conv3_1"})
+    branch2_kernel: int = field(default=3, metadata={"help": "kernel of conv2_2 and conv3_2"})
+    fc1_units: int = 256
+    fc2_units: int = 128
+    dropout: float = field(default=0.3, metadata={"help": "dropout before fc1, fc2 and output"})
+    batch_norm: bool = field(default=False, metadata={"help": "batch normalisation after each convolution"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "decoupled weight decay (AdamW)"})
+
+    # Augmentation (training only).
+    augment: bool = field(default=True, metadata={"help": "random rotation, shift and zoom of training digits"})
+    rotation_degrees: float = 10.0
+    shift_fraction: float = 0.1
+    zoom_fraction: float = 0.1
+
+    # Optimisation.
+    epochs: int = 12
+    batch_size: int = 128
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    warmup_epochs: int = field(default=1, metadata={"help": "linear warm-up before the cosine decay"})
+    early_stopping_patience: int = 5
+
+    # Reproducibility.
+    seed: int = 42
+    deterministic: bool = field(default=False, metadata={"help": "deterministic TF ops (slower)"})
+
+    # Outputs.
+    export_dir: str = field(default="models/mnist", metadata={"help": "base path; the model goes to <N>/"})
+    run_dir: str = field(default="runs/mnist", metadata={"help": "checkpoints, backups, logs of the run"})
+    reports_dir: str = field(default="reports", metadata={"help": "metrics.json and PNG plots"})
+    verbose: int = field(default=1, metadata={"help": "Keras verbosity: 0 silent, 1 progress bar, 2 a line"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, defaults: Config | None = None) -> None:
+    """Adds one flag per Config field; booleans get `--x` and `--no-x`."""
+    defaults = defaults or Config()
+    for f in dataclasses.fields(Config):
+        default = getattr(defaults, f.name)
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(_flag(f.name), default=default, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            parser.add_argument(_flag(f.name), type=kind, default=default, help=help_text)
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})

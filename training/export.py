@@ -1,0 +1,127 @@
+"""Exports a trained classifier as the next version of a TF Serving model: `<base>/<N>/`.
+
+The SavedModel carries two signatures:
+
+- `serving_default`: `image_bytes` (string [None], encoded image files) -> `digit` (int64 [None]),
+  `probability` (float32 [None]), `probabilities` (float32 [None, 10]); decoding runs in the graph
+  (`training.preprocessing`), so TF Serving needs nothing else;
+- `predict_pixels`: `pixels` (float32 [None, 28, 28, 1] in [0, 1], white on black) -> the same outputs.
+
+Beside it, `assets.extra/` holds TF Serving's warmup file (real PredictRequests it replays on load) and
+`metrics.json`, so a model's figures travel with it. The version is written into a hidden temporary
+directory and renamed into place only when complete and verified: a server polling the base path never
+sees half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from training.preprocessing import IMAGE_SIZE, decode_batch
+
+WARMUP_FILE = "tf_serving_warmup_requests"
+METRICS_FILE = "metrics.json"
+
+
+def prediction_outputs(probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {
+        "digit": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
+        "probability": tf.reduce_max(probabilities, axis=-1),
+        "probabilities": probabilities,
+    }
+
+
+def versions(base_path: str | Path) -> list[int]:
+    base = Path(base_path)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(base_path: str | Path) -> int:
+    return max(versions(base_path), default=0) + 1
+
+
+def write_warmup(export_path: Path, model_name: str, images: list[bytes]) -> None:
+    """TF Serving replays these PredictRequests when it loads the version, before it serves traffic."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    assets = export_path / "assets.extra"
+    assets.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(assets / WARMUP_FILE)) as writer:
+        for batch in ([images[0]], images):  # one single-image request and one batch
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default"))
+            request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def build_archive(model: keras.Model) -> keras.export.ExportArchive:
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def from_bytes(image_bytes):
+        return prediction_outputs(model(decode_batch(image_bytes), training=False))
+
+    def from_pixels(pixels):
+        return prediction_outputs(model(pixels, training=False))
+
+    archive.add_endpoint("serving_default", from_bytes,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint("predict_pixels", from_pixels,
+                         input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32,
+                                                        name="pixels")])
+    return archive
+
+
+def stage(model: keras.Model, base_path: str | Path, warmup_images: list[bytes], model_name: str = "mnist") -> Path:
+    """Writes and verifies the SavedModel in a hidden directory of `base_path` (TF Serving only looks at
+    numeric names) and returns it; `publish` gives it its version."""
+    base = Path(base_path)
+    base.mkdir(parents=True, exist_ok=True)
+    staged = base / f".tmp-export-{uuid.uuid4().hex}"
+    try:
+        build_archive(model).write_out(str(staged), verbose=False)
+        write_warmup(staged, model_name, warmup_images)
+        check_export(staged, warmup_images)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+def publish(staged: Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Adds metrics.json and renames the staged export to the next free version, atomically."""
+    (staged / "assets.extra" / METRICS_FILE).write_text(json.dumps(metrics or {}, indent=2) + "\n")
+    base = staged.parent
+    while True:
+        target = base / str(next_version(base))
+        try:
+            os.rename(staged, target)  # atomic on one file system; fails if the target appeared meanwhile
+            return target
+        except OSError:
+            if not target.exists():
+                raise
+
+
+def export_model(model: keras.Model, base_path: str | Path, warmup_images: list[bytes],
+                 metrics: dict[str, Any] | None = None, model_name: str = "mnist") -> Path:
+    """Writes the next version under `base_path` atomically and returns its path."""
+    return publish(stage(model, base_path, warmup_images, model_name), metrics)
+
+
+def check_export(path: Path, images: list[bytes]) -> None:
+    """Loads the SavedModel back and runs its default signature once: a broken export never gets a version."""
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    out = signature(image_bytes=tf.constant(images))
+    if out["probabilities"].shape != (len(images), 10):
+        raise RuntimeError(f"exported signature returned probabilities of shape {out['probabilities'].shape}")

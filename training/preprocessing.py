@@ -1,0 +1,126 @@
+"""Encoded image bytes -> the model's input, as TensorFlow ops that are exported inside the SavedModel.
+
+Every runtime (TF Serving, the embedded server, evaluation of raw files) runs this same graph, so training
+and serving cannot drift apart. Steps for one image:
+
+1. guard: read the width and height the file declares in its header (PNG, GIF, BMP; JPEG through
+   `extract_jpeg_shape`) and refuse more than MAX_SIDE pixels per side before decoding anything, so a
+   20 KB PNG declaring 13000x13000 pixels costs nothing;
+2. decode: PNG as RGBA (so transparency is known), every other format `tf.io.decode_image` reads as RGB
+   (three channels: one channel fails on GIF, BMP and CMYK JPEG);
+3. shrink to at most WORK_SIDE pixels per side with area averaging while still uint8, so a large photo
+   never exists as floats;
+4. grey, with luma weights that sum to one, so a grey PNG keeps its exact values;
+5. transparency composited onto a background that contrasts with the opaque ink;
+6. polarity: MNIST is a white digit on black; an image whose border is mostly light is inverted;
+7. resize to 28x28 (an identity for 28x28 inputs).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+MAX_SIDE = 4096
+WORK_SIDE = 256
+IMAGE_SIZE = 28
+LUMA = (0.299, 0.587, 0.114)
+
+
+def _header(image_bytes: tf.Tensor, n: int = 32) -> tf.Tensor:
+    """The first n bytes as int64, zero-padded, whatever the length of the input."""
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, n), "\0" * n]), 0, n)
+    return tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+
+def _uint(b: tf.Tensor, start: int, size: int, big_endian: bool) -> tf.Tensor:
+    order = range(size) if big_endian else reversed(range(size))
+    value = tf.constant(0, tf.int64)
+    for i in order:
+        value = value * 256 + b[start + i]
+    return value
+
+
+def _starts_with(b: tf.Tensor, magic: bytes) -> tf.Tensor:
+    return tf.reduce_all(tf.equal(b[: len(magic)], tf.constant(list(magic), tf.int64)))
+
+
+def declared_size(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(height, width) the file's header declares; (0, 0) for formats without one we read."""
+    b = _header(image_bytes)
+    zero = tf.constant(0, tf.int64)
+
+    def bmp_height():
+        h = _uint(b, 22, 4, big_endian=False)
+        return tf.abs(tf.where(h >= 2**31, h - 2**32, h))  # signed: negative means top-down rows
+
+    def jpeg_size():
+        shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
+        return shape[0], shape[1]
+
+    return tf.case([
+        (_starts_with(b, b"\x89PNG"), lambda: (_uint(b, 20, 4, True), _uint(b, 16, 4, True))),
+        (_starts_with(b, b"GIF8"), lambda: (_uint(b, 8, 2, False), _uint(b, 6, 2, False))),
+        (_starts_with(b, b"BM"), lambda: (bmp_height(), _uint(b, 18, 4, False))),
+        (_starts_with(b, b"\xff\xd8\xff"), jpeg_size),
+    ], default=lambda: (zero, zero), exclusive=True)
+
+
+def check_size(image_bytes: tf.Tensor) -> tf.Tensor:
+    """The bytes, unchanged, once the declared size has been checked (InvalidArgumentError otherwise)."""
+    height, width = declared_size(image_bytes)
+    ok = tf.logical_and(height <= MAX_SIDE, width <= MAX_SIDE)
+    message = tf.strings.format("image declares {}x{} pixels (width x height); the limit is {} per side",
+                                (width, height, MAX_SIDE))
+    with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+        return tf.identity(image_bytes)
+
+
+def _shrink(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [h, w, c] -> float32 in [0, 1], area-averaged down to at most WORK_SIDE per side."""
+    shape = tf.shape(image)
+    longest = tf.cast(tf.maximum(shape[0], shape[1]), tf.float32)
+    scale = tf.minimum(1.0, WORK_SIDE / longest)
+    size = tf.maximum(1, tf.cast(tf.math.ceil(tf.cast(shape[:2], tf.float32) * scale), tf.int32))
+    return tf.image.resize(image, size, method="area") / 255.0
+
+
+def decode_rgba(image_bytes: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes -> float32 RGBA [h, w, 4] in [0, 1], at most WORK_SIDE per side."""
+    def png():
+        return _shrink(tf.io.decode_png(image_bytes, channels=4))
+
+    def other():
+        rgb = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        rgb = _shrink(tf.ensure_shape(rgb, [None, None, 3]))
+        return tf.concat([rgb, tf.ones_like(rgb[..., :1])], axis=-1)
+
+    is_png = tf.equal(tf.strings.substr(image_bytes, 0, 4), b"\x89PNG")
+    return tf.ensure_shape(tf.cond(is_png, png, other), [None, None, 4])
+
+
+def to_grey(rgba: tf.Tensor) -> tf.Tensor:
+    """RGBA -> grey [h, w, 1]; transparent areas take the shade that contrasts with the opaque ink."""
+    grey = tf.tensordot(rgba[..., :3], tf.constant(LUMA), axes=1)[..., None]
+    alpha = rgba[..., 3:]
+    ink = tf.reduce_sum(grey * alpha) / tf.maximum(tf.reduce_sum(alpha), 1e-6)
+    background = tf.where(ink < 0.5, 1.0, 0.0)
+    return grey * alpha + background * (1.0 - alpha)
+
+
+def to_mnist_polarity(grey: tf.Tensor) -> tf.Tensor:
+    """White digit on black: inverts images whose border is mostly light."""
+    border = tf.concat([grey[0, :, 0], grey[-1, :, 0], grey[:, 0, 0], grey[:, -1, 0]], axis=0)
+    return tf.cond(tf.reduce_mean(border) > 0.5, lambda: 1.0 - grey, lambda: grey)
+
+
+def decode_and_normalize(image_bytes: tf.Tensor) -> tf.Tensor:
+    """One encoded image (scalar string) -> float32 [28, 28, 1] in [0, 1], white digit on black."""
+    grey = to_mnist_polarity(to_grey(decode_rgba(check_size(image_bytes))))
+    image = tf.image.resize(grey, [IMAGE_SIZE, IMAGE_SIZE], method="bilinear", antialias=True)
+    return tf.ensure_shape(tf.clip_by_value(image, 0.0, 1.0), [IMAGE_SIZE, IMAGE_SIZE, 1])
+
+
+def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
+    """string [N] -> float32 [N, 28, 28, 1]. A few images at a time, so memory stays bounded."""
+    return tf.map_fn(decode_and_normalize, image_bytes, parallel_iterations=4,
+                     fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32))

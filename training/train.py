@@ -1,0 +1,116 @@
+"""Trains the MNIST classifier, evaluates it through its exported signature and publishes it.
+
+    python -m training.train --export-dir models/mnist
+
+Stages: prepare the data (offline if need be), train with Keras callbacks (best checkpoint on validation,
+early stopping that restores the best weights, warm-up + cosine learning-rate schedule, TensorBoard, CSV
+log, and BackupAndRestore so that a killed run started again resumes at the epoch it reached), stage the
+SavedModel, evaluate it on the test set fed PNG bytes, then publish it as `<export-dir>/<N>/` with its
+metrics, and write reports (metrics.json, plots). Every hyperparameter is a flag: see `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from training import data, evaluate, export
+from training.config import Config, add_flags, from_args
+from training.model import build_model
+
+
+def log(message: str) -> None:
+    print(f"[train] {message}", flush=True)
+
+
+def learning_rate_at(epoch: int, cfg: Config) -> float:
+    """Linear warm-up to the peak, then cosine decay towards zero at the last epoch."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.learning_rate * (epoch + 1) / (cfg.warmup_epochs + 1)
+    decay_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
+    progress = (epoch - cfg.warmup_epochs) / decay_epochs
+    return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
+    backup = run_dir / "backup"
+    resuming = backup.exists() and any(backup.iterdir())
+    if resuming:
+        log(f"resuming the interrupted run from {backup}")
+    return [
+        keras.callbacks.BackupAndRestore(str(backup)),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_accuracy", save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.early_stopping_patience,
+                                      restore_best_weights=True),
+        keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(epoch, cfg)),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
+    ]
+
+
+def seed_everything(cfg: Config) -> None:
+    keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TensorFlow
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> keras.Model:
+    seed_everything(cfg)
+    train = data.pipeline(data.load_split(cfg, "train"), cfg, training=True)
+    validation = data.pipeline(data.load_split(cfg, "validation"), cfg, training=False)
+    model = build_model(cfg)
+    model.compile(optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    log(f"model {model.name}: {model.count_params():,} parameters; training {cfg.epochs} epochs of "
+        f"{data.split_names(cfg)['train']} at batch {cfg.batch_size}")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.fit(train, validation_data=validation, epochs=cfg.epochs, verbose=cfg.verbose,
+              callbacks=callbacks(cfg, run_dir) + list(extra_callbacks or []))
+    return model
+
+
+def run(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> dict[str, Any]:
+    """The whole job; returns the metrics that were published with the model."""
+    start = time.monotonic()
+    log("stage 1/4: data")
+    data.prepare(cfg.data_dir)
+    log("stage 2/4: training")
+    model = fit(cfg, extra_callbacks)
+    train_seconds = time.monotonic() - start
+
+    log("stage 3/4: staging the SavedModel and evaluating it on the test set, fed PNG bytes")
+    images, labels = evaluate.load_test_arrays(cfg)
+    staged = export.stage(model, cfg.export_dir, evaluate.encode_pngs(images[:8]))
+    try:
+        test, probabilities = evaluate.evaluate_export(staged, images, labels)
+        metrics = {"test": test, "train_seconds": round(train_seconds, 1), "config": cfg.to_dict(),
+                   "tensorflow": tf.__version__, "keras": keras.__version__}
+        log(f"test accuracy {test['accuracy']:.4f} ({test['errors']} errors in {test['examples']}), "
+            f"loss {test['loss']:.4f}")
+        log("stage 4/4: publishing")
+        path = export.publish(staged, metrics)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    metrics["export_path"] = str(path)
+    reports = evaluate.write_reports(cfg.reports_dir, metrics, images, labels, probabilities,
+                                     Path(cfg.run_dir) / "history.csv")
+    log(f"exported {path}; reports in {reports}; {time.monotonic() - start:.0f} s in all")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser)
+    run(from_args(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
