@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,26 @@ def test_default_server_follows_the_protocol():
 ])
 def test_looks_like_image(head, is_image):
     assert predict.looks_like_image(head) is is_image
+
+
+def test_wait_holds_the_predictions_until_a_version_is_available(tmp_path, model_base_path, digits_dir, capsys):
+    from serving.server import ServerOptions, start_server
+
+    base = tmp_path / "mnist"
+    base.mkdir()
+    server = start_server(ServerOptions(host="127.0.0.1", port=0, rest_api_port=0, model_name="mnist",
+                                        model_base_path=str(base), file_system_poll_wait_seconds=0.2))
+    address = f"127.0.0.1:{server.rest_port}"
+    try:
+        assert predict.main(["--server", address, "--wait", "0.5", str(digits_dir)]) == predict.EXIT_UNREACHABLE
+        assert "AVAILABLE" in capsys.readouterr().err
+
+        def publish():
+            shutil.copytree(model_base_path / "1", base / ".tmp-1")
+            (base / ".tmp-1").rename(base / "1")
+
+        threading.Timer(1.0, publish).start()
+        assert predict.main(["--server", address, "--wait", "60", str(digits_dir)]) == predict.EXIT_OK
+        assert len([line for line in capsys.readouterr().out.splitlines() if LINE.match(line)]) == 12
+    finally:
+        server.stop(grace_seconds=1)

@@ -123,3 +123,13 @@ def test_training_pipeline_shuffles_and_augments():
     moved = [not np.allclose(img, clean) for img in x.numpy()]
     assert sum(moved) > 30  # rotated, shifted or zoomed
     assert x.shape == (40, 28, 28, 1)
+
+
+def test_samples_are_the_test_digits_as_png_files(tmp_path, data_dir, mnist_test_arrays):
+    from training.samples import write_samples
+
+    paths = write_samples(tmp_path / "samples", 5, data_dir)
+    images, labels = mnist_test_arrays
+    assert [p.name for p in paths] == [f"{i:05d}_label{labels[i]}.png" for i in range(5)]
+    for i, path in enumerate(paths):
+        np.testing.assert_array_equal(tf.io.decode_png(path.read_bytes()).numpy(), images[i])

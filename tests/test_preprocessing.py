@@ -101,3 +101,58 @@ def test_declared_size_is_read_from_every_header():
 def test_what_is_not_an_image_is_an_invalid_argument(payload, message):
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         run(payload)
+
+
+def _mnist_like(out: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(out - expected).mean())
+
+
+def test_mnist_digits_pass_through_the_normalisation_unchanged(mnist_test_arrays):
+    images = mnist_test_arrays[0][:100]
+    out = run(*[encode(image[:, :, 0], "PNG") for image in images])
+    diffs = np.abs(out - images.astype(np.float32) / 255.0).mean(axis=(1, 2, 3))
+    assert np.median(diffs) < 1e-4 and diffs.mean() < 0.005  # MNIST was made this way already
+
+
+def test_off_centre_dark_digit_on_a_transparent_canvas_comes_out_centred(digit):
+    image, expected = digit
+    canvas = np.zeros((200, 300, 4), np.uint8)  # 300 wide, 200 high, fully transparent
+    big = np.kron(image, np.ones((4, 4), np.uint8))  # 112x112 digit
+    canvas[20:132, 170:282, 3] = big  # dark (black) ink, opaque only where the digit is, top right
+    out = run(encode(canvas, "PNG", "RGBA"))[0]
+    assert out.shape == (28, 28, 1)
+    assert _mnist_like(out, expected) < 0.08  # resampled twice (4x up, then down): a little softer
+    ys = np.arange(28) + 0.5
+    mass = out[:, :, 0].sum()
+    assert abs((out[:, :, 0] * ys[:, None]).sum() / mass - 14.5) < 1.0
+    assert abs((out[:, :, 0] * ys[None, :]).sum() / mass - 14.5) < 1.0
+    assert out[0].max() == 0 and out[-1].max() == 0  # a black border: white digit on black
+
+
+def test_faint_pencil_on_grey_paper_is_stretched_to_black_and_white(digit):
+    image, expected = digit
+    paper = (180 - image.astype(np.float32) * 60 / 255).astype(np.uint8)  # ink only 60 levels darker
+    out = run(encode(np.kron(paper, np.ones((3, 3), np.uint8)), "PNG"))[0]
+    assert out.max() == pytest.approx(1.0) and _mnist_like(out, expected) < 0.05
+
+
+def test_a_speck_of_noise_does_not_move_or_shrink_the_digit(digit):
+    image, _ = digit
+    page = np.full((120, 120), 255, np.uint8)
+    page[30:86, 30:86] = 255 - np.kron(image, np.ones((2, 2), np.uint8))
+    clean = run(encode(page, "PNG"))[0]
+    page[5, 110] = 0  # one black pixel far from the digit
+    np.testing.assert_allclose(run(encode(page, "PNG"))[0], clean, atol=1e-6)
+
+
+@pytest.mark.parametrize("shade", [0, 128, 255])
+def test_a_blank_image_is_refused_as_having_no_ink(shade):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="no ink found"):
+        run(encode(np.full((40, 60), shade, np.uint8), "PNG"))
+
+
+def test_too_little_contrast_is_refused_as_having_no_ink():
+    faint = np.full((40, 40), 200, np.uint8)
+    faint[10:30, 18:22] = 190  # a stroke 10 levels darker than the paper: below MIN_CONTRAST
+    with pytest.raises(tf.errors.InvalidArgumentError, match="no ink found"):
+        run(encode(faint, "PNG"))

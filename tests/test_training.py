@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from tests.conftest import tiny_config
-from training import evaluate, export, train
+from training import evaluate, export, preprocessing, train
 from training.model import build_model
 
 
@@ -48,11 +48,12 @@ def test_reloaded_model_reads_real_digits_from_png_bytes(model_base_path, mnist_
 
 
 def test_pixel_signature_agrees_with_the_bytes_signature(model_base_path, mnist_test_arrays):
-    images = mnist_test_arrays[0][:16]
+    pngs = tf.constant(evaluate.encode_pngs(mnist_test_arrays[0][:16]))
     loaded = tf.saved_model.load(str(model_base_path / "1"))
-    by_pixels = loaded.signatures["predict_pixels"](pixels=tf.constant(images.astype(np.float32) / 255.0))
-    by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant(evaluate.encode_pngs(images)))
-    np.testing.assert_allclose(by_pixels["probabilities"], by_bytes["probabilities"], atol=1e-5)
+    by_pixels = loaded.signatures["predict_pixels"](pixels=preprocessing.decode_batch(pngs))
+    by_bytes = loaded.signatures["serving_default"](image_bytes=pngs)
+    np.testing.assert_allclose(by_pixels["probabilities"], by_bytes["probabilities"], atol=1e-6)
+    np.testing.assert_array_equal(by_pixels["digit"], by_bytes["digit"])
 
 
 def test_warmup_file_holds_real_predict_requests(model_base_path):

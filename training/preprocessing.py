@@ -13,7 +13,13 @@ and serving cannot drift apart. Steps for one image:
 4. grey, with luma weights that sum to one, so a grey PNG keeps its exact values;
 5. transparency composited onto a background that contrasts with the opaque ink;
 6. polarity: MNIST is a white digit on black; an image whose border is mostly light is inverted;
-7. resize to 28x28 (an identity for 28x28 inputs).
+7. contrast: the background (the border's median) becomes 0 and the brightest ink 1; an image without
+   enough contrast is refused as blank ("no ink found"), rather than answered with a confident guess;
+8. the way MNIST itself was made: the ink's bounding box is scaled to fit 20x20 keeping its aspect ratio
+   and placed in 28x28 with its centre of mass at the centre.
+
+Problems with an image (not an image, truncated, too large, no ink) raise InvalidArgumentError with a
+message that says which: TF Serving and the embedded server answer INVALID_ARGUMENT / HTTP 400 with it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import tensorflow as tf
 MAX_SIDE = 4096
 WORK_SIDE = 256
 IMAGE_SIZE = 28
+DIGIT_BOX = 20  # MNIST's digits were scaled to fit 20x20, then centred by centre of mass in 28x28
+INK_THRESHOLD = 0.1  # of the stretched range: what counts as ink for the bounding box ...
+MIN_NEIGHBOURHOOD = 3  # ... when at least this many of its 3x3 neighbourhood are ink (not a lone speck)
+MIN_CONTRAST = 0.15  # below this between background and brightest ink, the image is taken as blank
 LUMA = (0.299, 0.587, 0.114)
 
 
@@ -107,17 +117,73 @@ def to_grey(rgba: tf.Tensor) -> tf.Tensor:
     return grey * alpha + background * (1.0 - alpha)
 
 
+def _median(x: tf.Tensor) -> tf.Tensor:
+    values = tf.sort(tf.reshape(x, [-1]))
+    return values[tf.size(values) // 2]
+
+
+def _border(grey: tf.Tensor) -> tf.Tensor:
+    return tf.concat([grey[0, :, 0], grey[-1, :, 0], grey[:, 0, 0], grey[:, -1, 0]], axis=0)
+
+
 def to_mnist_polarity(grey: tf.Tensor) -> tf.Tensor:
-    """White digit on black: inverts images whose border is mostly light."""
-    border = tf.concat([grey[0, :, 0], grey[-1, :, 0], grey[:, 0, 0], grey[:, -1, 0]], axis=0)
-    return tf.cond(tf.reduce_mean(border) > 0.5, lambda: 1.0 - grey, lambda: grey)
+    """White digit on black: inverts images whose border is mostly light (the median resists a stroke
+    that touches the edge)."""
+    return tf.cond(_median(_border(grey)) > 0.5, lambda: 1.0 - grey, lambda: grey)
+
+
+def stretch_contrast(grey: tf.Tensor) -> tf.Tensor:
+    """Background (the border's median) to 0, the brightest ink to 1: grey paper, faint pencil and dim
+    photos come out like MNIST's black and white. An image without enough contrast has no ink to read."""
+    background = _median(_border(grey))
+    contrast = tf.reduce_max(grey) - background
+    message = tf.strings.format("no ink found: the image is blank or its contrast ({}) is below {}",
+                                (contrast, MIN_CONTRAST))
+    with tf.control_dependencies([tf.debugging.Assert(contrast >= MIN_CONTRAST, [message])]):
+        return tf.clip_by_value((grey - background) / tf.maximum(contrast, MIN_CONTRAST), 0.0, 1.0)
+
+
+def ink_box(ink: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(top, left, height, width) of the ink; lone specks of noise do not widen it."""
+    inked = tf.cast(ink > INK_THRESHOLD, tf.float32)
+    neighbours = tf.nn.avg_pool2d(inked[None], 3, 1, "SAME")[0, :, :, 0] * 9.0  # inked pixels in 3x3
+    mask = tf.logical_and(inked[:, :, 0] > 0, neighbours >= MIN_NEIGHBOURHOOD)
+    rows = tf.cast(tf.where(tf.reduce_any(mask, axis=1))[:, 0], tf.int32)
+    cols = tf.cast(tf.where(tf.reduce_any(mask, axis=0))[:, 0], tf.int32)
+    found = tf.logical_and(tf.size(rows) > 0, tf.size(cols) > 0)
+    with tf.control_dependencies([tf.debugging.Assert(found, ["no ink found: nothing stands out of the image"])]):
+        top, left = tf.identity(rows[0]), tf.identity(cols[0])
+    return top, left, rows[-1] + 1 - top, cols[-1] + 1 - left
+
+
+def fit_and_centre(ink: tf.Tensor) -> tf.Tensor:
+    """As MNIST was made: the ink's bounding box scaled to fit DIGIT_BOX x DIGIT_BOX keeping its aspect
+    ratio, then placed in IMAGE_SIZE x IMAGE_SIZE with its centre of mass at the centre."""
+    top, left, height, width = ink_box(ink)
+    crop = ink[top:top + height, left:left + width]
+    scale = DIGIT_BOX / tf.cast(tf.maximum(height, width), tf.float32)
+    size = tf.maximum(1, tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32) * scale), tf.int32))
+    digit = tf.cond(scale < 1.0,  # area averaging shrinks without aliasing; bilinear enlarges smoothly
+                    lambda: tf.image.resize(crop, size, method="area"),
+                    lambda: tf.image.resize(crop, size, method="bilinear"))
+    digit = tf.clip_by_value(digit, 0.0, 1.0)
+    mass = tf.maximum(tf.reduce_sum(digit), 1e-6)
+    centre_y = tf.reduce_sum(digit[:, :, 0] * (tf.range(size[0], dtype=tf.float32)[:, None] + 0.5)) / mass
+    centre_x = tf.reduce_sum(digit[:, :, 0] * (tf.range(size[1], dtype=tf.float32)[None, :] + 0.5)) / mass
+    half = IMAGE_SIZE / 2 + 0.5  # MNIST's centres of mass sit at pixel index 14 (14.5 counting pixel centres)
+    offset_y = tf.clip_by_value(tf.cast(tf.round(half - centre_y), tf.int32), 0, IMAGE_SIZE - size[0])
+    offset_x = tf.clip_by_value(tf.cast(tf.round(half - centre_x), tf.int32), 0, IMAGE_SIZE - size[1])
+    return tf.image.pad_to_bounding_box(digit, offset_y, offset_x, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def normalize(grey: tf.Tensor) -> tf.Tensor:
+    """Grey [h, w, 1] in [0, 1], any polarity and size -> an MNIST-like [28, 28, 1] white digit on black."""
+    return tf.ensure_shape(fit_and_centre(stretch_contrast(to_mnist_polarity(grey))), [IMAGE_SIZE, IMAGE_SIZE, 1])
 
 
 def decode_and_normalize(image_bytes: tf.Tensor) -> tf.Tensor:
     """One encoded image (scalar string) -> float32 [28, 28, 1] in [0, 1], white digit on black."""
-    grey = to_mnist_polarity(to_grey(decode_rgba(check_size(image_bytes))))
-    image = tf.image.resize(grey, [IMAGE_SIZE, IMAGE_SIZE], method="bilinear", antialias=True)
-    return tf.ensure_shape(tf.clip_by_value(image, 0.0, 1.0), [IMAGE_SIZE, IMAGE_SIZE, 1])
+    return normalize(to_grey(decode_rgba(check_size(image_bytes))))
 
 
 def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
