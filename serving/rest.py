@@ -21,6 +21,7 @@ from serving.errors import ServingError
 from serving.grpc_service import signature_def_map, status_response
 from serving.models import Servable
 from serving.predict import Predictor
+from serving.static import StaticFiles
 from serving.tensors import inputs_from_json, outputs_to_json
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ class RestServer(ThreadingHTTPServer):
     request_queue_size = 256  # listen backlog: the default 5 stalls bursts of new connections for 1 s
 
     def __init__(self, address: tuple[str, int], predictor: Predictor, metrics_path: str | None,
-                 timeout_seconds: float) -> None:
+                 timeout_seconds: float, static_dir: str = "") -> None:
         self.predictor = predictor
+        self.static = StaticFiles(static_dir) if static_dir else None  # the drawing page, web/
         self.metrics_path = metrics_path
         self.timeout_seconds = timeout_seconds
         self.draining = False
@@ -143,6 +145,10 @@ class RestHandler(BaseHTTPRequestHandler):
             self._require("GET")
             body = self.server.predictor.metrics.render().encode()
             return self._send(200, body, "text/plain; version=0.0.4")
+        if self.server.static and self.command == "GET" and not path.startswith("/v1/"):
+            page = self.server.static.lookup(path)
+            if page:
+                return self._send(200, page.body, page.content_type)
         match = _MODEL_PATH.fullmatch(path)
         if not match:
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"Malformed request: {self.command} {path}")

@@ -16,6 +16,9 @@ Flags mirror tensorflow_model_server (both `--flag=value` and `--flag value`). D
 - `--rest_api_timeout_in_ms` bounds each socket read of a REST connection (a stalled client frees its thread).
 - `--file_system_poll_wait_seconds=0` loads the versions once at start and never polls again.
 - SIGTERM and SIGINT stop accepting, drain in-flight requests for up to `--grace_period_seconds`, exit 0.
+- `--static_dir` (not in tensorflow_model_server): the drawing page's directory, served at / on the REST port
+  (GET only; the files in it and nothing else; serving/static.py). Default: the repository's web/;
+  `--static_dir=` serves no page.
 """
 
 import argparse
@@ -38,6 +41,7 @@ from serving.metrics import Metrics
 from serving.models import Model, ModelManager
 from serving.predict import Predictor
 from serving.rest import MAX_BODY_BYTES, RestServer
+from serving.static import DEFAULT_STATIC_DIR
 
 log = logging.getLogger("serving")
 
@@ -62,6 +66,7 @@ class ServerOptions:
     tensorflow_inter_op_parallelism: int = 0
     host: str = "0.0.0.0"
     grace_period_seconds: float = 10.0
+    static_dir: str = DEFAULT_STATIC_DIR
 
 
 def _resolve_base_path(base_path: str) -> Path:
@@ -139,6 +144,8 @@ class RunningServer:
 
 
 def start_server(options: ServerOptions) -> RunningServer:
+    if options.static_dir and not Path(options.static_dir).is_dir():
+        raise ValueError(f"--static_dir={options.static_dir}: not a directory")
     _set_tf_threads(options)
     models = build_models(options)
     metrics_path = _metrics_path(options)
@@ -171,9 +178,12 @@ def start_server(options: ServerOptions) -> RunningServer:
     rest = None
     if options.rest_api_port >= 0:
         rest = RestServer((options.host, options.rest_api_port), predictor, metrics_path,
-                          options.rest_api_timeout_in_ms / 1000)
+                          options.rest_api_timeout_in_ms / 1000, options.static_dir)
         log.info("Exporting HTTP/REST API at %s:%d%s", options.host, rest.server_address[1],
                  f" (Prometheus metrics at {metrics_path})" if metrics_path else "")
+        if options.static_dir:
+            log.info("Drawing page at http://%s:%d/ (from %s)", options.host, rest.server_address[1],
+                     options.static_dir)
     server = RunningServer(manager, batcher, grpc_server, grpc_port, rest, metrics)
     print(f"listening grpc_port={server.grpc_port} rest_port={server.rest_port}", flush=True)
     return server

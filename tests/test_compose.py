@@ -46,7 +46,7 @@ CONFIG_PROTOS = {
 @pytest.fixture(scope="module")
 def service() -> dict:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    [service] = compose["services"].values()
+    service = compose["services"]["tf-serving"]
     return service
 
 
