@@ -46,12 +46,31 @@ class RestServer(ThreadingHTTPServer):
         self.draining = False
         self._inflight = 0
         self._idle = threading.Condition()
+        self._connections: set[socket.socket] = set()
         super().__init__(address, RestHandler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, addr = super().get_request()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else every answer waits ~40 ms (Nagle)
+        with self._idle:
+            self._connections.add(conn)
         return conn, addr
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._idle:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Ends the kept-alive connections still open (idle once the drain is over): their handler threads
+        see end of file instead of serving a request after the server stopped."""
+        with self._idle:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def track(self, delta: int) -> None:
         with self._idle:
@@ -119,6 +138,9 @@ class RestHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self.server.track(1)
         try:
+            if self.server.draining:  # a request on a kept-alive connection while stopping
+                self.close_connection = True
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down")
             self._route()
         except ServingError as e:
             self._send_error(e.http_status, e.message)

@@ -136,6 +136,7 @@ class RunningServer:
             self.rest.server_close()
             if not self.rest.wait_idle(grace_seconds):
                 log.warning("REST requests still running after the grace period")
+            self.rest.close_connections()
         grpc_done.wait(grace_seconds + 1)
         if self.batcher:
             self.batcher.stop()
@@ -203,14 +204,14 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = parse_args(argv)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before start: a signal while starting still drains
+        signal.signal(signum, lambda number, frame: stop.set())
     try:
         server = start_server(options)
     except (ValueError, OSError) as e:
         log.error("%s", e)
         return 1
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, frame: stop.set())
     stop.wait()
     log.info("Received signal, shutting down")
     server.stop(options.grace_period_seconds)

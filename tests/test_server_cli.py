@@ -105,3 +105,20 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_base_path, tmp_path
     text = "".join(output)
     assert "Loading servable mnist version 1 from models/mnist/1" in text
     assert "draining" in text and "Exiting cleanly" in text
+
+
+def test_stop_ends_kept_alive_connections_instead_of_serving_them(model_base_path):
+    import http.client
+
+    from tests.test_server_support import start_test_server
+
+    server = start_test_server(model_base_path)
+    conn = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
+    conn.request("GET", "/v1/models/mnist")
+    response = conn.getresponse()
+    assert response.status == 200 and b"AVAILABLE" in response.read()
+    server.stop(grace_seconds=1)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        conn.request("GET", "/v1/models/mnist")
+        conn.getresponse()
+    conn.close()
