@@ -133,3 +133,14 @@ def test_samples_are_the_test_digits_as_png_files(tmp_path, data_dir, mnist_test
     assert [p.name for p in paths] == [f"{i:05d}_label{labels[i]}.png" for i in range(5)]
     for i, path in enumerate(paths):
         np.testing.assert_array_equal(tf.io.decode_png(path.read_bytes()).numpy(), images[i])
+
+
+def test_stroke_width_augmentation_thickens_or_thins_every_digit_it_picks():
+    images = np.zeros((64, 28, 28, 1), np.float32)
+    images[:, 8:20, 12:16] = 1.0
+    out = data.random_stroke_width(tf.constant(images), probability=1.0, seed=3).numpy()
+    ink = out.sum(axis=(1, 2, 3))
+    thicker, thinner = ink == 14 * 6, ink == 10 * 2
+    assert thicker.all() or thinner.all() or (thicker | thinner).all()
+    assert thicker.any() and thinner.any()
+    np.testing.assert_array_equal(data.random_stroke_width(tf.constant(images), 0.0, 3), images)

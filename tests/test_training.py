@@ -24,6 +24,11 @@ def test_run_exports_version_1_with_metrics_reports_and_logs(trained, model_base
     assert published["test"]["examples"] == cfg.test_subset
     assert published["test"]["accuracy"] == trained["test"]["accuracy"] > 0.85
     assert published["config"]["train_subset"] == cfg.train_subset
+    calibrated = published["calibration"]
+    assert calibrated["temperature"] > 0
+    validation = calibrated["validation"]  # T minimises the validation NLL; T = 1 was a candidate
+    assert validation["nll_after"] <= validation["nll_before"] + 1e-9
+    assert 0 <= calibrated["test"]["ece_after"] <= 1
     reports = Path(cfg.reports_dir)
     assert json.loads((reports / "metrics.json").read_text())["export_path"] == str(model_base_path / "1")
     for png in ("training_curves.png", "confusion_matrix.png", "misclassified.png"):

@@ -34,10 +34,14 @@ class Config:
     weight_decay: float = field(default=1e-4, metadata={"help": "decoupled weight decay (AdamW)"})
 
     # Augmentation (training only).
-    augment: bool = field(default=True, metadata={"help": "random rotation, shift and zoom of training digits"})
+    augment: bool = field(default=True, metadata={
+        "help": "random rotation, shear, shift, zoom and stroke width of training digits"})
     rotation_degrees: float = 10.0
+    shear_fraction: float = 0.15
     shift_fraction: float = 0.1
     zoom_fraction: float = 0.1
+    stroke_probability: float = field(default=0.2, metadata={
+        "help": "share of training digits drawn 1 px thicker or thinner (half each)"})
 
     # Optimisation.
     epochs: int = 12
@@ -45,6 +49,9 @@ class Config:
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup_epochs: int = field(default=1, metadata={"help": "linear warm-up before the cosine decay"})
     early_stopping_patience: int = 5
+
+    # Calibration.
+    calibrate: bool = field(default=True, metadata={"help": "fit a softmax temperature on the validation split"})
 
     # Reproducibility.
     seed: int = 42

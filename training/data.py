@@ -197,16 +197,34 @@ def to_unit_float(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(image, tf.float32) / 255.0
 
 
+def random_stroke_width(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
+    """Draws a share of the digits with strokes one pixel thicker (3x3 dilation) or thinner (erosion)."""
+    if probability <= 0:
+        return images
+    thicker = tf.nn.max_pool2d(images, 3, 1, "SAME")
+    thinner = -tf.nn.max_pool2d(-images, 3, 1, "SAME")
+    u = tf.random.uniform([tf.shape(images)[0], 1, 1, 1], seed=seed)
+    return tf.where(u < probability / 2, thicker, tf.where(u < probability, thinner, images))
+
+
 def augmenter(cfg: Config):
-    """Random rotation, shift and zoom of a batch: the kinds of variation handwriting has (no flips)."""
+    """Random rotation, shear, shift, zoom and stroke width of a batch: the kinds of variation handwriting
+    has (no flips: a flipped digit is another symbol or none)."""
     import keras
 
-    return keras.Sequential([
+    geometric = keras.Sequential([
         keras.layers.RandomRotation(cfg.rotation_degrees / 360.0, fill_mode="constant", seed=cfg.seed),
+        keras.layers.RandomShear(cfg.shear_fraction, cfg.shear_fraction, fill_mode="constant", seed=cfg.seed + 1),
         keras.layers.RandomTranslation(cfg.shift_fraction, cfg.shift_fraction, fill_mode="constant",
-                                       seed=cfg.seed + 1),
-        keras.layers.RandomZoom(cfg.zoom_fraction, fill_mode="constant", seed=cfg.seed + 2),
+                                       seed=cfg.seed + 2),
+        keras.layers.RandomZoom(cfg.zoom_fraction, fill_mode="constant", seed=cfg.seed + 3),
     ], name="augment")
+
+    def augment(images: tf.Tensor) -> tf.Tensor:
+        images = geometric(images, training=True)
+        return random_stroke_width(images, cfg.stroke_probability, cfg.seed + 4)
+
+    return augment
 
 
 def pipeline(ds: tf.data.Dataset, cfg: Config, training: bool) -> tf.data.Dataset:
@@ -217,7 +235,7 @@ def pipeline(ds: tf.data.Dataset, cfg: Config, training: bool) -> tf.data.Datase
     ds = ds.batch(cfg.batch_size, num_parallel_calls=tf.data.AUTOTUNE)
     if training and cfg.augment:
         augment = augmenter(cfg)
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from training.calibration import scale_probabilities
 from training.preprocessing import IMAGE_SIZE, decode_batch
 
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -65,15 +66,19 @@ def write_warmup(export_path: Path, model_name: str, images: list[bytes]) -> Non
             writer.write(log.SerializeToString())
 
 
-def build_archive(model: keras.Model) -> keras.export.ExportArchive:
+def build_archive(model: keras.Model, temperature: float = 1.0) -> keras.export.ExportArchive:
+    """Both signatures; `temperature` (training.calibration) is folded into their probabilities."""
     archive = keras.export.ExportArchive()
     archive.track(model)
 
-    def from_bytes(image_bytes):
-        return prediction_outputs(model(decode_batch(image_bytes), training=False))
-
     def from_pixels(pixels):
-        return prediction_outputs(model(pixels, training=False))
+        probabilities = model(pixels, training=False)
+        if temperature != 1.0:
+            probabilities = scale_probabilities(probabilities, temperature)
+        return prediction_outputs(probabilities)
+
+    def from_bytes(image_bytes):
+        return from_pixels(decode_batch(image_bytes))
 
     archive.add_endpoint("serving_default", from_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -83,14 +88,15 @@ def build_archive(model: keras.Model) -> keras.export.ExportArchive:
     return archive
 
 
-def stage(model: keras.Model, base_path: str | Path, warmup_images: list[bytes], model_name: str = "mnist") -> Path:
+def stage(model: keras.Model, base_path: str | Path, warmup_images: list[bytes], model_name: str = "mnist",
+          temperature: float = 1.0) -> Path:
     """Writes and verifies the SavedModel in a hidden directory of `base_path` (TF Serving only looks at
     numeric names) and returns it; `publish` gives it its version."""
     base = Path(base_path)
     base.mkdir(parents=True, exist_ok=True)
     staged = base / f".tmp-export-{uuid.uuid4().hex}"
     try:
-        build_archive(model).write_out(str(staged), verbose=False)
+        build_archive(model, temperature).write_out(str(staged), verbose=False)
         write_warmup(staged, model_name, warmup_images)
         check_export(staged, warmup_images)
     except BaseException:
@@ -114,9 +120,9 @@ def publish(staged: Path, metrics: dict[str, Any] | None = None) -> Path:
 
 
 def export_model(model: keras.Model, base_path: str | Path, warmup_images: list[bytes],
-                 metrics: dict[str, Any] | None = None, model_name: str = "mnist") -> Path:
+                 metrics: dict[str, Any] | None = None, model_name: str = "mnist", temperature: float = 1.0) -> Path:
     """Writes the next version under `base_path` atomically and returns its path."""
-    return publish(stage(model, base_path, warmup_images, model_name), metrics)
+    return publish(stage(model, base_path, warmup_images, model_name, temperature), metrics)
 
 
 def check_export(path: Path, images: list[bytes]) -> None:

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from training import data, evaluate, export
+from training import calibration, data, evaluate, export
 from training.config import Config, add_flags, from_args
 from training.model import build_model
 
@@ -77,6 +78,21 @@ def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     return model
 
 
+def calibrate(model: keras.Model, cfg: Config) -> tuple[float, dict[str, Any]]:
+    """The softmax temperature fitted on the validation split (1.0 when off), and its figures."""
+    if not cfg.calibrate:
+        return 1.0, {}
+    validation = data.pipeline(data.load_split(cfg, "validation"), cfg, training=False)
+    labels = np.concatenate([y.numpy() for _, y in validation])
+    probabilities = model.predict(validation, verbose=0)
+    temperature = calibration.fit_temperature(probabilities, labels)
+    report = {"temperature": temperature,
+              "validation": calibration.calibration_report(probabilities, labels, temperature)}
+    log(f"calibration: temperature {temperature:.3f}; validation ECE "
+        f"{report['validation']['ece_before']:.4f} -> {report['validation']['ece_after']:.4f}")
+    return temperature, report
+
+
 def run(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> dict[str, Any]:
     """The whole job; returns the metrics that were published with the model."""
     start = time.monotonic()
@@ -86,13 +102,18 @@ def run(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     model = fit(cfg, extra_callbacks)
     train_seconds = time.monotonic() - start
 
+    temperature, calibrated = calibrate(model, cfg)
     log("stage 3/4: staging the SavedModel and evaluating it on the test set, fed PNG bytes")
     images, labels = evaluate.load_test_arrays(cfg)
-    staged = export.stage(model, cfg.export_dir, evaluate.encode_pngs(images[:8]))
+    staged = export.stage(model, cfg.export_dir, evaluate.encode_pngs(images[:8]), temperature=temperature)
     try:
         test, probabilities = evaluate.evaluate_export(staged, images, labels)
-        metrics = {"test": test, "train_seconds": round(train_seconds, 1), "config": cfg.to_dict(),
-                   "tensorflow": tf.__version__, "keras": keras.__version__}
+        if calibrated:  # the export's probabilities are calibrated; undo T for the figures before
+            calibrated["test"] = calibration.calibration_report(
+                calibration.scale_probabilities(probabilities, 1.0 / temperature), labels, temperature)
+            log(f"test ECE {calibrated['test']['ece_before']:.4f} -> {calibrated['test']['ece_after']:.4f}")
+        metrics = {"test": test, "calibration": calibrated, "train_seconds": round(train_seconds, 1),
+                   "config": cfg.to_dict(), "tensorflow": tf.__version__, "keras": keras.__version__}
         log(f"test accuracy {test['accuracy']:.4f} ({test['errors']} errors in {test['examples']}), "
             f"loss {test['loss']:.4f}")
         log("stage 4/4: publishing")
