@@ -22,28 +22,19 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-if __package__:
-    from .mnist_client import (
-        DEFAULT_MODEL,
-        DEFAULT_SIGNATURE,
-        DEFAULT_TIMEOUT,
-        MAX_MESSAGE_BYTES,
-        GrpcClient,
-        Prediction,
-        RestClient,
-        ServingError,
-    )
-else:  # `python client/predict.py` puts client/ itself, not the repository, on sys.path
-    from mnist_client import (
-        DEFAULT_MODEL,
-        DEFAULT_SIGNATURE,
-        DEFAULT_TIMEOUT,
-        MAX_MESSAGE_BYTES,
-        GrpcClient,
-        Prediction,
-        RestClient,
-        ServingError,
-    )
+if not __package__:  # `python client/predict.py` puts client/ itself, not the repository, on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from client.mnist_client import (
+    DEFAULT_MODEL,
+    DEFAULT_SIGNATURE,
+    DEFAULT_TIMEOUT,
+    MAX_MESSAGE_BYTES,
+    GrpcClient,
+    Prediction,
+    RestClient,
+    ServingError,
+)
 
 EXIT_OK, EXIT_IMAGE_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_SERVER_ERROR = 0, 1, 2, 3, 4
 DEFAULT_PORTS = {"rest": 8501, "grpc": 8500}

@@ -59,6 +59,17 @@ def model_base_path(trained) -> Path:
     return Path(trained["export_path"]).parent
 
 
+@pytest.fixture(scope="module")
+def embedded_server(model_base_path):
+    """A real embedded server on free loopback ports serving the tiny model, one per test module."""
+    from serving.server import ServerOptions, start_server
+
+    running = start_server(ServerOptions(host="127.0.0.1", port=0, rest_api_port=0, model_name="mnist",
+                                         model_base_path=str(model_base_path), file_system_poll_wait_seconds=0))
+    yield running
+    running.stop(grace_seconds=1)
+
+
 @pytest.fixture
 def copy_base(model_base_path, tmp_path):
     """A private copy of the base path, to add or break versions in."""

@@ -26,6 +26,9 @@ def test_run_exports_version_1_with_metrics_reports_and_logs(trained, model_base
     assert published["config"]["train_subset"] == cfg.train_subset
     calibrated = published["calibration"]
     assert calibrated["temperature"] > 0
+    card = (model_base_path / "1" / "assets.extra" / "model_card.md").read_text()
+    assert card.startswith("# Model card: mnist, version 1")
+    assert f"accuracy {100 * trained['test']['accuracy']:.2f}%" in card and "| 9 |" in card
     validation = calibrated["validation"]  # T minimises the validation NLL; T = 1 was a candidate
     assert validation["nll_after"] <= validation["nll_before"] + 1e-9
     assert 0 <= calibrated["test"]["ece_after"] <= 1
@@ -88,6 +91,7 @@ def test_a_second_export_becomes_version_2_and_a_broken_one_none(copy_base, mnis
     assert export.export_model(model, base, warmup, {"note": "second"}) == base / "2"
     assert export.versions(base) == [1, 2]
     assert json.loads((base / "2" / "assets.extra" / "metrics.json").read_text()) == {"note": "second"}
+    assert "version 2" in (base / "2" / "assets.extra" / "model_card.md").read_text()
     with pytest.raises(tf.errors.InvalidArgumentError):
         export.export_model(model, base, [b"not an image"])  # fails its own check: no version 3
     assert export.versions(base) == [1, 2]

@@ -200,13 +200,8 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_base_path):
-    from serving.server import ServerOptions, start_server
-
-    running = start_server(ServerOptions(host="127.0.0.1", port=0, rest_api_port=0, model_name="mnist",
-                                         model_base_path=str(model_base_path), file_system_poll_wait_seconds=0))
-    yield running
-    running.stop(grace_seconds=1)
+def server(embedded_server):
+    return embedded_server
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ The SavedModel carries two signatures:
   (`training.preprocessing`), so TF Serving needs nothing else;
 - `predict_pixels`: `pixels` (float32 [None, 28, 28, 1] in [0, 1], white on black) -> the same outputs.
 
-Beside it, `assets.extra/` holds TF Serving's warmup file (real PredictRequests it replays on load) and
-`metrics.json`, so a model's figures travel with it. The version is written into a hidden temporary
-directory and renamed into place only when complete and verified: a server polling the base path never
-sees half a model.
+Beside it, `assets.extra/` holds TF Serving's warmup file (real PredictRequests it replays on load),
+`metrics.json` and `model_card.md`, so a model's figures and limits travel with it. The version is written
+into a hidden temporary directory and renamed into place only when complete and verified: a server polling
+the base path never sees half a model.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from training import model_card
 from training.calibration import scale_probabilities
 from training.preprocessing import IMAGE_SIZE, decode_batch
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 METRICS_FILE = "metrics.json"
+MODEL_CARD_FILE = "model_card.md"
 
 
 def prediction_outputs(probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -105,12 +107,15 @@ def stage(model: keras.Model, base_path: str | Path, warmup_images: list[bytes],
     return staged
 
 
-def publish(staged: Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Adds metrics.json and renames the staged export to the next free version, atomically."""
+def publish(staged: Path, metrics: dict[str, Any] | None = None, model_name: str = "mnist") -> Path:
+    """Adds metrics.json and the model card, and renames the staged export to the next free version,
+    atomically."""
     (staged / "assets.extra" / METRICS_FILE).write_text(json.dumps(metrics or {}, indent=2) + "\n")
     base = staged.parent
     while True:
         target = base / str(next_version(base))
+        (staged / "assets.extra" / MODEL_CARD_FILE).write_text(model_card.render(metrics or {}, int(target.name),
+                                                                                  model_name))
         try:
             os.rename(staged, target)  # atomic on one file system; fails if the target appeared meanwhile
             return target
@@ -122,7 +127,7 @@ def publish(staged: Path, metrics: dict[str, Any] | None = None) -> Path:
 def export_model(model: keras.Model, base_path: str | Path, warmup_images: list[bytes],
                  metrics: dict[str, Any] | None = None, model_name: str = "mnist", temperature: float = 1.0) -> Path:
     """Writes the next version under `base_path` atomically and returns its path."""
-    return publish(stage(model, base_path, warmup_images, model_name, temperature), metrics)
+    return publish(stage(model, base_path, warmup_images, model_name, temperature), metrics, model_name)
 
 
 def check_export(path: Path, images: list[bytes]) -> None:

@@ -1,0 +1,80 @@
+"""The model card written beside every export (`assets.extra/model_card.md`): what the model is, what it
+was trained and measured on, what it is for and where it fails. Figures come from the export's metrics."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def render(metrics: dict[str, Any], version: int, model_name: str = "mnist") -> str:
+    cfg = metrics.get("config", {})
+    test = metrics.get("test", {})
+    calibration = metrics.get("calibration") or {}
+    per_class = test.get("per_class", {})
+    rows = "\n".join(f"| {d} | {_percent(v['precision'])} | {_percent(v['recall'])} | {v['support']} |"
+                     for d, v in sorted(per_class.items()))
+    calibration_text = "not calibrated (temperature 1)"
+    if calibration:
+        after = calibration.get("test", calibration.get("validation", {}))
+        calibration_text = (f"temperature {calibration['temperature']:.3f} fitted on the validation split; "
+                            f"test ECE (15 bins) {_percent(after.get('ece_before'))} before, "
+                            f"{_percent(after.get('ece_after'))} after")
+    augmentation = "random rotation, shear, shift, zoom and stroke width" if cfg.get("augment") else "none"
+    subset = f"the first {_count(cfg['train_subset'])}" if cfg.get("train_subset") else "all"
+    return f"""# Model card: {model_name}, version {version}
+
+Exported {datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")} with TensorFlow \
+{metrics.get("tensorflow", "?")}, Keras {metrics.get("keras", "?")}.
+
+## What it is
+
+A convolutional network that reads one handwritten digit (0-9) from an image file. The SavedModel's
+`serving_default` signature takes the encoded bytes (PNG, JPEG, GIF, BMP; any size; grey, RGB or RGBA) and
+returns `digit`, `probability` and all ten `probabilities`. Decoding and normalisation (polarity, contrast,
+cropping to the ink, MNIST's 20x20 box centred by centre of mass in 28x28) run inside the graph.
+
+Network: conv1 ({cfg.get("conv1_filters")} filters) -> conv2_1 | conv2_2 ({cfg.get("conv2_filters")} each)
+-> conv3_1 | conv3_2 ({cfg.get("conv3_filters")} each) combined as conv3 -> fc1 ({cfg.get("fc1_units")}) -> fc2
+({cfg.get("fc2_units")}) -> output (10); ReLU, max-pooling, dropout {cfg.get("dropout")}.
+
+## Data
+
+MNIST through tensorflow-datasets (`mnist` 3.0.1): {subset} of the 60,000 training images less the last
+{_count(cfg.get("validation_size"))} held out for validation (early stopping, checkpoints, calibration); the
+10,000 test images only for the figures below. Augmentation: {augmentation}.
+{cfg.get("epochs")} epochs at most, batch {cfg.get("batch_size")}, seed {cfg.get("seed")}.
+
+## Figures (test set, each image sent as PNG bytes through the serving signature)
+
+- accuracy {_percent(test.get("accuracy"))} ({test.get("errors", "?")} errors in {test.get("examples", "?")}),
+  loss {test.get("loss", float("nan")):.4f}
+- calibration: {calibration_text}
+
+| digit | precision | recall | support |
+| --- | --- | --- | --- |
+{rows}
+
+## Intended use
+
+Reading single handwritten digits: forms, demos, teaching, a baseline for digit recognition services.
+Not for multi-digit numbers, letters, printed text, or decisions that need a guarantee: check the
+probability and send doubtful cases to a person.
+
+## Limits
+
+- Trained on MNIST only: American census staff and students' digits, scanned, white on black. Digits written
+  in other styles (a crossed 7, a 1 with a long flag), photographed in poor light or on patterned paper are
+  read less well than the figures above say; the probabilities are calibrated on MNIST, not on them.
+- One digit per image: an image with several digits or other marks is read as one digit, whatever it shows.
+- An image without ink (blank, or with too little contrast) is refused with INVALID_ARGUMENT, not guessed.
+- Images declaring more than 4096 pixels a side are refused before decoding.
+"""
