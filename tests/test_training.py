@@ -157,3 +157,32 @@ def test_classification_metrics_on_known_answers():
     assert metrics["per_class"]["2"] == {"precision": 0.5, "recall": 1.0, "support": 1}
     assert metrics["per_class"]["3"]["recall"] == 0.0
     assert metrics["confusion_matrix"][3][2] == 1
+
+
+def test_mirrored_strategy_over_two_logical_cpus_trains_and_exports(tmp_path, data_dir):
+    """In a process of its own: logical devices must be set before TensorFlow starts its runtime."""
+    args = ["--data-dir", data_dir, "--strategy", "mirrored", "--logical-cpus", "2", "--train-subset", "1024",
+            "--validation-size", "256", "--test-subset", "64", "--epochs", "1", "--batch-size", "128",
+            "--conv1-filters", "4", "--conv2-filters", "4", "--conv3-filters", "4", "--fc1-units", "16",
+            "--fc2-units", "16", "--no-augment", "--verbose", "0", "--export-dir", str(tmp_path / "models"),
+            "--run-dir", str(tmp_path / "run"), "--reports-dir", str(tmp_path / "reports")]
+    done = subprocess.run([sys.executable, "-m", "training.train", *args], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "on 2 replica(s) (MirroredStrategy)" in done.stdout
+    assert export.versions(tmp_path / "models") == [1]
+
+
+def test_only_the_chief_of_a_cluster_exports(monkeypatch):
+    for task, chief in [(None, True), ({"type": "chief", "index": 0}, True), ({"type": "worker", "index": 0}, True),
+                        ({"type": "worker", "index": 1}, False), ({"type": "evaluator", "index": 0}, False)]:
+        if task is None:
+            monkeypatch.delenv("TF_CONFIG", raising=False)
+        else:
+            monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {}, "task": task}))
+        assert train.is_chief() is chief, task
+
+
+def test_an_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="--strategy must be one of"):
+        train.make_strategy(tiny_config(Path("/nonexistent"), "", strategy="tpu"))

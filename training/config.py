@@ -53,6 +53,12 @@ class Config:
     # Calibration.
     calibrate: bool = field(default=True, metadata={"help": "fit a softmax temperature on the validation split"})
 
+    # Distribution.
+    strategy: str = field(default="default", metadata={
+        "help": "default | one_device | mirrored (all local devices) | multi_worker (hosts from $TF_CONFIG)"})
+    logical_cpus: int = field(default=0, metadata={
+        "help": "split the CPU into N logical devices (to try mirrored without accelerators)"})
+
     # Reproducibility.
     seed: int = 42
     deterministic: bool = field(default=False, metadata={"help": "deterministic TF ops (slower)"})

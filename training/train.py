@@ -12,7 +12,9 @@ metrics, and write reports (metrics.json, plots). Every hyperparameter is a flag
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -62,15 +64,45 @@ def seed_everything(cfg: Config) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+
+
+def make_strategy(cfg: Config) -> tf.distribute.Strategy:
+    """The tf.distribute strategy the config names; Keras's fit splits each batch across its replicas."""
+    if cfg.logical_cpus > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.logical_cpus)
+    if cfg.strategy == "default":
+        return tf.distribute.get_strategy()
+    if cfg.strategy == "one_device":
+        accelerators = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(accelerators[0].name if accelerators else "/cpu:0")
+    if cfg.strategy == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if cfg.strategy == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()  # the cluster and this task's role: $TF_CONFIG
+    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
+
+
+def is_chief() -> bool:
+    """Only the chief (or worker 0) of a multi-worker cluster evaluates and exports."""
+    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    return task.get("type", "chief") == "chief" or (task.get("type") == "worker" and task.get("index", 0) == 0)
+
+
 def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> keras.Model:
     seed_everything(cfg)
+    strategy = make_strategy(cfg)
     train = data.pipeline(data.load_split(cfg, "train"), cfg, training=True)
     validation = data.pipeline(data.load_split(cfg, "validation"), cfg, training=False)
-    model = build_model(cfg)
-    model.compile(optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    with strategy.scope():
+        model = build_model(cfg)
+        model.compile(optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     log(f"model {model.name}: {model.count_params():,} parameters; training {cfg.epochs} epochs of "
-        f"{data.split_names(cfg)['train']} at batch {cfg.batch_size}")
+        f"{data.split_names(cfg)['train']} at batch {cfg.batch_size} on {strategy.num_replicas_in_sync} "
+        f"replica(s) ({type(strategy).__name__})")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.fit(train, validation_data=validation, epochs=cfg.epochs, verbose=cfg.verbose,
@@ -101,6 +133,9 @@ def run(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     log("stage 2/4: training")
     model = fit(cfg, extra_callbacks)
     train_seconds = time.monotonic() - start
+    if not is_chief():
+        log("trained; the chief evaluates and exports")
+        return {}
 
     temperature, calibrated = calibrate(model, cfg)
     log("stage 3/4: staging the SavedModel and evaluating it on the test set, fed PNG bytes")
