@@ -4,6 +4,12 @@ Like TF Serving's BatchingSession: a request waits at most `batch_timeout_micros
 holds at most `max_batch_size` rows, `num_batch_threads` batches run at once, and a queue holding more
 than `max_enqueued_batches` batches rejects new work with UNAVAILABLE. If the merged call fails with
 INVALID_ARGUMENT (one bad image), the requests are rerun one by one so only the bad one fails.
+
+With a batch_timeout_micros of at most INLINE_MAX_TIMEOUT_MICROS, a request that finds a batch slot free
+and nobody queued runs at once on the caller's own thread: waiting that long for company would cost about
+what the hand-off to a batch thread costs, and a lone request then pays nothing for batching. Requests that
+arrive while every slot is busy queue up and leave as one batch when a slot frees: the batch size follows
+the load.
 """
 
 import bisect
@@ -20,6 +26,8 @@ from serving.errors import ServingError
 from serving.models import Servable
 
 log = logging.getLogger(__name__)
+
+INLINE_MAX_TIMEOUT_MICROS = 100
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Batcher:
         self._queues: dict[tuple, list[_Task]] = {}
         self._cond = threading.Condition()
         self._stopping = False
+        self._running = 0  # batches being processed, on batch threads or inline: at most num_batch_threads
         self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
                          for i in range(options.num_batch_threads)]
         for thread in self._threads:
@@ -74,6 +83,25 @@ class Batcher:
             size: int) -> dict[str, np.ndarray]:
         task = _Task(servable, signature_name, inputs, size)
         key = (id(servable), signature_name)
+        with self._cond:
+            if (self.options.batch_timeout_micros <= INLINE_MAX_TIMEOUT_MICROS
+                    and self._running < self.options.num_batch_threads
+                    and not self._queues.get(key) and not self._stopping):
+                self._running += 1
+                inline = True
+            else:
+                inline = False
+        if inline:
+            try:
+                self._on_batch(size)
+                self._run_alone(task)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify()
+            if task.error:
+                raise task.error
+            return task.outputs
         with self._cond:
             queue = self._queues.setdefault(key, [])
             limit = self.options.max_enqueued_batches * self.options.max_batch_size
@@ -92,6 +120,9 @@ class Batcher:
         timeout = self.options.batch_timeout_micros / 1e6
         while True:
             now, wake = time.monotonic(), None
+            if self._running >= self.options.num_batch_threads and not self._stopping:
+                self._cond.wait()
+                continue
             for key, queue in self._queues.items():
                 deadline = queue[0].enqueued + timeout
                 if sum(t.size for t in queue) >= self.options.max_batch_size or deadline <= now or self._stopping:
@@ -101,6 +132,7 @@ class Batcher:
                         batch.append(queue.pop(0))
                     if not queue:
                         del self._queues[key]
+                    self._running += 1
                     return batch
                 wake = deadline if wake is None else min(wake, deadline)
             if self._stopping:
@@ -116,6 +148,9 @@ class Batcher:
             try:
                 self._process(batch)
             finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify()
                 for task in batch:
                     if task.outputs is None and task.error is None:
                         task.error = ServingError(grpc.StatusCode.INTERNAL, "batch processing failed")

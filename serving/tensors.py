@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
 from serving.errors import ServingError
 
@@ -134,7 +134,17 @@ def outputs_to_json(outputs: dict[str, np.ndarray], row_format: bool) -> dict[st
     return {"predictions": [{name: column[i] for name, column in columns.items()} for i in range(sizes.pop())]}
 
 
+# dtypes whose TensorProto is the raw little-endian bytes in tensor_content, as tf.make_tensor_proto writes them
+_CONTENT_DTYPES = {np.dtype(t): tf.as_dtype(t).as_datatype_enum
+                   for t in (np.float32, np.float64, np.int32, np.int64, np.uint8, np.int8, np.int16, np.bool_)}
+_IS_LITTLE_ENDIAN = np.little_endian
+
+
 def array_from_proto(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
+    # Fast path for the common request, a flat list of strings (make_ndarray costs ~50 us more).
+    if proto.dtype == types_pb2.DT_STRING and len(proto.tensor_shape.dim) == 1 and not proto.tensor_shape.unknown_rank:
+        if proto.tensor_shape.dim[0].size == len(proto.string_val):
+            return np.array(proto.string_val, dtype=object)
     try:
         return tf.make_ndarray(proto)
     except Exception as e:
@@ -142,4 +152,10 @@ def array_from_proto(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
 
 
 def array_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
-    return tf.make_tensor_proto(array)
+    """What tf.make_tensor_proto returns, built directly for numeric arrays (~100 us less each)."""
+    enum = _CONTENT_DTYPES.get(array.dtype)
+    if enum is None or not _IS_LITTLE_ENDIAN:
+        return tf.make_tensor_proto(array)
+    proto = tensor_pb2.TensorProto(dtype=enum, tensor_content=np.ascontiguousarray(array).tobytes())
+    proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in array.shape)
+    return proto
