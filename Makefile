@@ -9,8 +9,9 @@ SAMPLES ?= samples
 GRPC_PORT ?= 8500
 REST_PORT ?= 8501
 TRAIN_FLAGS ?=
+DIST_DIR ?= dist
 
-.PHONY: all venv data train evaluate samples serve demo test lint dist clean
+.PHONY: all venv data train evaluate samples serve demo test lint dist k8s-config clean
 
 ## all: set up, get MNIST, train, export, serve with the embedded server and predict on sample images
 all: venv data train samples demo
@@ -62,6 +63,14 @@ test: venv
 ## lint: ruff
 lint: venv
 	$(VENV)/bin/ruff check .
+
+## dist: source release $(DIST_DIR)/mnist-serving-<version>.tar.gz and .zip from the files git tracks
+dist:
+	$(PYTHON) tools/dist.py --out $(DIST_DIR)
+
+## k8s-config: write k8s/configmap.yaml from serving/*.config (tests/test_k8s.py fails while they differ)
+k8s-config:
+	$(PYTHON) tools/k8s_configmap.py
 
 clean:
 	rm -rf runs reports $(SAMPLES) server.log .pytest_cache .coverage .coverage.*
