@@ -9,6 +9,9 @@ SAMPLES ?= samples
 GRPC_PORT ?= 8500
 REST_PORT ?= 8501
 TRAIN_FLAGS ?=
+# What bench/ measured fastest on 2 cores (docs/benchmarks.md): batching, TF ops on the calling thread.
+SERVER_FLAGS ?= --enable_batching=true --batching_parameters_file=serving/batching.config \
+	--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=-1
 DIST_DIR ?= dist
 
 .PHONY: all venv data train evaluate samples serve demo test lint dist k8s-config clean
@@ -43,13 +46,13 @@ samples: venv
 ## serve: the embedded TF-Serving-compatible server in the foreground (Ctrl-C stops it)
 serve: venv
 	$(PY) -m serving.server --model_name=mnist --model_base_path=$(MODEL_BASE) \
-		--port=$(GRPC_PORT) --rest_api_port=$(REST_PORT)
+		--port=$(GRPC_PORT) --rest_api_port=$(REST_PORT) $(SERVER_FLAGS)
 
 ## demo: start the embedded server, predict the sample images over REST and gRPC, stop the server
 demo: venv
 	@echo "[demo] starting the embedded server on gRPC $(GRPC_PORT), REST $(REST_PORT)"
 	@$(PY) -m serving.server --model_name=mnist --model_base_path=$(MODEL_BASE) \
-		--port=$(GRPC_PORT) --rest_api_port=$(REST_PORT) > server.log 2>&1 & pid=$$!; \
+		--port=$(GRPC_PORT) --rest_api_port=$(REST_PORT) $(SERVER_FLAGS) > server.log 2>&1 & pid=$$!; \
 	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' EXIT; \
 	$(PY) client/predict.py --wait 120 --server localhost:$(REST_PORT) $(SAMPLES) && \
 	echo "[demo] the same over gRPC:" && \

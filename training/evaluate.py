@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=Config.data_dir)
     parser.add_argument("--reports-dir", default=Config.reports_dir)
     parser.add_argument("--test-subset", type=int, default=0)
+    parser.add_argument("--robustness", action="store_true",
+                        help="instead: the robustness report (corruptions, real-world files; training.robustness)")
     args = parser.parse_args(argv)
     path = Path(args.model)
     if not (path / "saved_model.pb").exists():
@@ -177,6 +179,14 @@ def main(argv: list[str] | None = None) -> None:
         path = path / str(found[-1])
     cfg = Config(data_dir=args.data_dir, test_subset=args.test_subset)
     images, labels = load_test_arrays(cfg)
+    if args.robustness:
+        from training import robustness  # it imports this module
+
+        print(f"[evaluate] robustness of {path} on {len(labels)} test images", flush=True)
+        report = robustness.robustness_report(path, images, labels, args.reports_dir)
+        print(robustness.format_table(report))
+        print(f"[evaluate] robustness.json, robustness.png, robustness_examples.png in {args.reports_dir}")
+        return
     print(f"[evaluate] {path} on {len(labels)} test images sent as PNG bytes", flush=True)
     test, probabilities = evaluate_export(path, images, labels)
     write_reports(args.reports_dir, {"model": str(path), "test": test}, images, labels, probabilities)

@@ -1,0 +1,99 @@
+"""The robustness report on the session's tiny model and 40 test digits: structure, outputs, corruptions."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from training import evaluate, robustness
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def report(model_base_path, data_dir, tmp_path_factory):
+    reports = tmp_path_factory.mktemp("robustness")
+    evaluate.main(["--model", str(model_base_path), "--data-dir", data_dir, "--reports-dir", str(reports),
+                   "--robustness", "--test-subset", str(N)])
+    return reports, json.loads((reports / "robustness.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def signature(model_base_path):
+    loaded = tf.saved_model.load(str(model_base_path / "1"))
+    yield loaded.signatures["serving_default"]
+
+
+def test_report_lists_every_variant_and_writes_json_and_pngs(report, model_base_path):
+    reports, result = report
+    names = [v["name"] for v in result["variants"]]
+    assert names == [v.name for v in robustness.variants()] and names[0] == "clean"
+    assert set(robustness.CORRUPTIONS) <= set(names) and set(robustness.RENDERINGS) <= set(names)
+    assert result["examples"] == N and result["model"] == str(model_base_path / "1")
+    for v in result["variants"]:
+        assert 0.0 <= v["accuracy"] <= 1.0 and v["errors"] == round((1 - v["accuracy"]) * N)
+        assert v["delta"] == pytest.approx(v["accuracy"] - result["variants"][0]["accuracy"])
+    summary = result["summary"]
+    corruptions = [v["accuracy"] for v in result["variants"] if v["group"] == "corruption"]
+    assert summary["corruption_mean_accuracy"] == pytest.approx(np.mean(corruptions))
+    assert len(summary["criteria"]) == 4 and all(isinstance(ok, bool) for ok in summary["criteria"].values())
+    for png in ("robustness.png", "robustness_examples.png"):
+        assert (reports / png).read_bytes().startswith(b"\x89PNG")
+    table = robustness.format_table(result)
+    assert all(name in table for name in names)
+
+
+def test_clean_accuracy_equals_a_direct_evaluation(report, model_base_path, mnist_test_arrays):
+    images, labels = mnist_test_arrays
+    direct, _ = evaluate.evaluate_export(model_base_path / "1", images[:N], labels[:N])
+    assert report[1]["variants"][0]["accuracy"] == direct["accuracy"]
+
+
+@pytest.mark.parametrize("name", list(robustness.CORRUPTIONS))
+def test_each_corruption_changes_the_digits_deterministically(name, mnist_test_arrays):
+    images = mnist_test_arrays[0][:N]
+    corrupt = robustness.CORRUPTIONS[name][1]
+    first = corrupt(images, np.random.default_rng(7))
+    assert first.shape == images.shape and first.dtype == np.uint8
+    assert (first != images).any(axis=(1, 2, 3)).mean() > 0.9  # (nearly) every digit changes
+    np.testing.assert_array_equal(first, corrupt(images, np.random.default_rng(7)))
+
+
+def test_renderings_are_files_of_the_stated_kind(mnist_test_arrays):
+    images = mnist_test_arrays[0][:2]
+    rng = np.random.default_rng(0)
+    rgba = robustness.RENDERINGS["file_png_rgba_280"][1](images, rng)[0]
+    decoded = tf.io.decode_png(rgba, channels=0).numpy()
+    assert decoded.shape == (280, 280, 4) and decoded[0, 0, 3] == 0  # transparent paper
+    page = robustness.RENDERINGS["file_jpeg_rgb_page_800x600"][1](images, rng)[0]
+    assert page.startswith(b"\xff\xd8") and tf.io.decode_jpeg(page).shape == (600, 800, 3)
+
+
+def test_inverted_and_black_on_white_digits_get_the_clean_answers(signature, mnist_test_arrays):
+    images = mnist_test_arrays[0][:N]
+    clean = robustness.predict_files(signature, evaluate.encode_pngs(images))
+    inverted = robustness.predict_files(signature, evaluate.encode_pngs(robustness.invert(images, None)))
+    paper = robustness.predict_files(signature, robustness.RENDERINGS["file_png_grey_28"][1](images, None))
+    np.testing.assert_array_equal(inverted, clean)
+    np.testing.assert_array_equal(paper, clean)
+
+
+def test_refused_images_count_as_wrong_without_failing_their_batch(signature, mnist_test_arrays):
+    images = mnist_test_arrays[0][:5]
+    files = evaluate.encode_pngs(images)
+    files.insert(2, evaluate.encode_pngs(np.zeros((1, 28, 28, 1), np.uint8))[0])  # blank: "no ink found"
+    predicted = robustness.predict_files(signature, files)
+    assert predicted[2] == -1
+    np.testing.assert_array_equal(np.delete(predicted, 2), robustness.predict_files(signature, files[:2] + files[3:]))
+
+
+def test_summary_applies_the_done_criteria():
+    results = [{"name": "clean", "group": "clean", "accuracy": 0.996},
+               {"name": "a", "group": "corruption", "accuracy": 0.99},
+               {"name": "b", "group": "corruption", "accuracy": 0.89},
+               {"name": "f", "group": "file", "accuracy": 0.992}]
+    summary = robustness.summarize(results)
+    assert summary["corruption_mean_accuracy"] == pytest.approx(0.94)
+    assert summary["corruptions_below_floor"] == ["b"] and summary["files_below_clean"] == ["f"]
+    assert list(summary["criteria"].values()) == [True, False, False, False]
