@@ -287,14 +287,20 @@ def nginx(server, tmp_path_factory):
 
 # --- the page on the embedded server -----------------------------------------------------------------------
 
-def test_a_drawing_is_read_as_the_api_reads_its_png(page, server, tmp_path):
-    draw(page, [three_stroke()])
-    png = canvas_png(page)
-    click(page, "predict")
-    shows = shown(page)
-    status, answer = api_predict(server.rest_port, png)
+def draw_and_compare_with_the_api(driver, rest_port: int) -> dict:
+    """Draws a 3, clicks predict, and checks the page shows what the API answers for the canvas's PNG."""
+    draw(driver, [three_stroke()])
+    png = canvas_png(driver)
+    click(driver, "predict")
+    shows = shown(driver)
+    status, answer = api_predict(rest_port, png)
     assert status == 200
     assert_shows(shows, answer["predictions"][0])
+    return shows
+
+
+def test_a_drawing_is_read_as_the_api_reads_its_png(page, server, tmp_path):
+    shows = draw_and_compare_with_the_api(page, server.rest_port)
     assert shows["message"] == "From your drawing:"
     page.save_screenshot(str(tmp_path / "drawing-page.png"))
 
@@ -445,13 +451,7 @@ def test_nginx_proxies_the_rest_api(nginx, server, mnist_png_bytes):
 
 def test_the_page_through_nginx_reads_a_drawing_as_the_api(browser, nginx, server):
     open_page(browser, f"http://127.0.0.1:{nginx}/")
-    draw(browser, [three_stroke()])
-    png = canvas_png(browser)
-    click(browser, "predict")
-    shows = shown(browser)
-    status, answer = api_predict(server.rest_port, png)
-    assert status == 200
-    assert_shows(shows, answer["predictions"][0])
+    draw_and_compare_with_the_api(browser, server.rest_port)
 
 
 def test_the_page_through_nginx_says_when_tf_serving_is_down(browser, tmp_path):
