@@ -144,3 +144,15 @@ def test_stroke_width_augmentation_thickens_or_thins_every_digit_it_picks():
     assert thicker.all() or thinner.all() or (thicker | thinner).all()
     assert thicker.any() and thinner.any()
     np.testing.assert_array_equal(data.random_stroke_width(tf.constant(images), 0.0, 3), images)
+
+
+def test_occlusion_erases_parallel_bars_from_every_digit_it_picks():
+    images = np.ones((64, 28, 28, 1), np.float32)
+    out = data.random_occlusion(tf.constant(images), probability=1.0, seed=5).numpy()[:, :, :, 0]
+    for image in out:
+        erased = image == 0
+        rows, cols = erased.all(axis=1), erased.all(axis=0)
+        assert rows.any() != cols.any()  # bars across the image, one orientation
+        assert erased.sum() == 28 * (rows.sum() + cols.sum())  # nothing erased but whole bars
+        assert 0.1 <= erased.mean() <= 0.6
+    np.testing.assert_array_equal(data.random_occlusion(tf.constant(images), 0.0, 5), images)

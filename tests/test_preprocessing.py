@@ -156,3 +156,52 @@ def test_too_little_contrast_is_refused_as_having_no_ink():
     faint[10:30, 18:22] = 190  # a stroke 10 levels darker than the paper: below MIN_CONTRAST
     with pytest.raises(tf.errors.InvalidArgumentError, match="no ink found"):
         run(encode(faint, "PNG"))
+
+
+def _box(out: np.ndarray) -> tuple[int, int]:
+    """(height, width) of what is inked in a normalised 28x28 output."""
+    rows, cols = np.nonzero(out[:, :, 0] > preprocessing.INK_THRESHOLD)
+    return rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min()
+
+
+def _on_page(image: np.ndarray) -> np.ndarray:
+    """The digit, 2x, black on a white 120x120 page."""
+    page = np.full((120, 120), 255, np.uint8)
+    page[30:86, 30:86] = 255 - np.kron(image, np.ones((2, 2), np.uint8))
+    return page
+
+
+def test_a_digit_written_on_ruled_paper_reads_as_on_plain_paper(digit):
+    image, _ = digit
+    plain = _on_page(image)
+    ruled = plain.copy()
+    lines = np.arange(120) % 16 < 2  # grey lines 2 px thick every 16 px, under the ink
+    ruled[lines] = np.minimum(ruled[lines], 170)
+    clean, out = run(encode(plain, "PNG"), encode(ruled, "PNG"))
+    assert _box(out) == _box(clean)
+    assert _mnist_like(out, clean) < 0.03
+
+
+def test_occluding_bars_leave_the_digit_its_size_and_place(digit):
+    image, _ = digit
+    barred = image.copy()
+    barred[np.arange(28) % 7 < 2] = 51  # 20% grey bars painted over the digit, across the image
+    clean, out = run(encode(image, "PNG"), encode(barred, "PNG"))
+    inked_rows = (out[:, :, 0] > preprocessing.INK_THRESHOLD).mean(axis=1)
+    assert inked_rows.max() < 0.6  # no bar is left across the image
+    assert _box(out)[0] >= _box(clean)[0] - 4  # not shrunk to fit the bars (the bars cut its top row or two)
+    assert np.corrcoef(out.ravel(), clean.ravel())[0, 1] > 0.6  # the same digit, with gaps
+
+
+def test_gaussian_noise_does_not_widen_the_ink_box(digit):
+    image, _ = digit
+    noisy = np.clip(image + np.random.default_rng(0).normal(0, 51, image.shape), 0, 255).astype(np.uint8)
+    clean, out = run(encode(image, "PNG"), encode(noisy, "PNG"))
+    assert abs(_box(out)[0] - _box(clean)[0]) <= 2
+
+
+def test_a_stroke_from_edge_to_edge_is_kept_when_it_is_all_there_is():
+    one = np.zeros((28, 28), np.uint8)
+    one[:, 12:16] = 255  # a tightly cropped "1": a line from edge to edge, but the only ink
+    out = run(encode(one, "PNG"))[0]
+    assert _box(out)[0] == 20 and out.max() == pytest.approx(1.0)

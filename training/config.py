@@ -35,13 +35,16 @@ class Config:
 
     # Augmentation (training only).
     augment: bool = field(default=True, metadata={
-        "help": "random rotation, shear, shift, zoom and stroke width of training digits"})
+        "help": "random rotation, shear, shift, zoom, stroke width and occluding bars of training digits"})
     rotation_degrees: float = 10.0
     shear_fraction: float = 0.15
     shift_fraction: float = 0.1
     zoom_fraction: float = 0.1
     stroke_probability: float = field(default=0.2, metadata={
         "help": "share of training digits drawn 1 px thicker or thinner (half each)"})
+    occlusion_probability: float = field(default=0.2, metadata={
+        "help": "share of training digits with parallel bars erased out of them (what is left of a digit "
+                "behind bars or after the serving graph removes ruled lines)"})
 
     # Optimisation.
     epochs: int = 12

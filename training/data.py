@@ -207,9 +207,30 @@ def random_stroke_width(images: tf.Tensor, probability: float, seed: int) -> tf.
     return tf.where(u < probability / 2, thicker, tf.where(u < probability, thinner, images))
 
 
+OCCLUSION_PERIODS = (5, 10)  # bars every 5-9 px ...
+OCCLUSION_WIDTHS = (1, 3)  # ... 1-2 px wide
+
+
+def random_occlusion(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
+    """Erases parallel bars (1-2 px wide every 5-9 px, horizontal or vertical, random phase) out of a share
+    of the digits: the network learns to read a digit with gaps, which is what an occluded digit, or one
+    whose ruled lines the serving graph removed (`preprocessing.remove_lines`), looks like."""
+    if probability <= 0:
+        return images
+    n, side = tf.shape(images)[0], tf.shape(images)[1]
+    period = tf.random.uniform([n, 1], *OCCLUSION_PERIODS, dtype=tf.int32, seed=seed)
+    width = tf.random.uniform([n, 1], *OCCLUSION_WIDTHS, dtype=tf.int32, seed=seed + 1)
+    phase = tf.random.uniform([n, 1], 0, OCCLUSION_PERIODS[1], dtype=tf.int32, seed=seed + 2)
+    bars = (tf.range(side)[None, :] + phase) % period < width  # [n, side]
+    horizontal = tf.random.uniform([n, 1, 1, 1], seed=seed + 3) < 0.5
+    mask = tf.where(horizontal, bars[:, :, None, None], bars[:, None, :, None])
+    chosen = tf.random.uniform([n, 1, 1, 1], seed=seed + 4) < probability
+    return tf.where(tf.logical_and(chosen, mask), tf.zeros_like(images), images)
+
+
 def augmenter(cfg: Config):
-    """Random rotation, shear, shift, zoom and stroke width of a batch: the kinds of variation handwriting
-    has (no flips: a flipped digit is another symbol or none)."""
+    """Random rotation, shear, shift, zoom, stroke width and occluding bars of a batch: the kinds of variation
+    handwriting and its photos have (no flips: a flipped digit is another symbol or none)."""
     import keras
 
     geometric = keras.Sequential([
@@ -222,7 +243,8 @@ def augmenter(cfg: Config):
 
     def augment(images: tf.Tensor) -> tf.Tensor:
         images = geometric(images, training=True)
-        return random_stroke_width(images, cfg.stroke_probability, cfg.seed + 4)
+        images = random_stroke_width(images, cfg.stroke_probability, cfg.seed + 4)
+        return random_occlusion(images, cfg.occlusion_probability, cfg.seed + 5)
 
     return augment
 

@@ -28,7 +28,8 @@ def render(metrics: dict[str, Any], version: int, model_name: str = "mnist") -> 
         calibration_text = (f"temperature {calibration['temperature']:.3f} fitted on the validation split; "
                             f"test ECE (15 bins) {_percent(after.get('ece_before'))} before, "
                             f"{_percent(after.get('ece_after'))} after")
-    augmentation = "random rotation, shear, shift, zoom and stroke width" if cfg.get("augment") else "none"
+    augmentation = ("random rotation, shear, shift, zoom, stroke width and occluding bars" if cfg.get("augment")
+                    else "none")
     subset = f"the first {_count(cfg['train_subset'])}" if cfg.get("train_subset") else "all"
     return f"""# Model card: {model_name}, version {version}
 

@@ -30,9 +30,12 @@ MAX_SIDE = 4096
 WORK_SIDE = 256
 IMAGE_SIZE = 28
 DIGIT_BOX = 20  # MNIST's digits were scaled to fit 20x20, then centred by centre of mass in 28x28
-INK_THRESHOLD = 0.1  # of the stretched range: what counts as ink for the bounding box ...
-MIN_NEIGHBOURHOOD = 3  # ... when at least this many of its 3x3 neighbourhood are ink (not a lone speck)
+INK_THRESHOLD = 0.1  # of the stretched range: what counts as ink
+MIN_NEIGHBOURHOOD = 3  # ink with fewer inked pixels in its 3x3 neighbourhood is a speck, not part of the box
+SOLID_INK, BOX_MARGIN = 0.25, 2  # the box keeps to BOX_MARGIN px around ink whose 3x3 mean reaches SOLID_INK
 MIN_CONTRAST = 0.15  # below this between background and brightest ink, the image is taken as blank
+LINE_COVER = 0.9  # a row or column inked along this share of its length is a line (ruled paper, a bar) ...
+MIN_LINES = 2  # ... when there are at least this many such lines, apart from each other
 LUMA = (0.299, 0.587, 0.114)
 
 
@@ -143,13 +146,56 @@ def stretch_contrast(grey: tf.Tensor) -> tf.Tensor:
         return tf.clip_by_value((grey - background) / tf.maximum(contrast, MIN_CONTRAST), 0.0, 1.0)
 
 
+def _lines_removed(ink: tf.Tensor, axis: int) -> tf.Tensor:
+    """ink [h, w] without the lines along `axis` (1: rows, 0: columns) that span the image, when there are
+    at least MIN_LINES of them: ruled paper and bars come in numbers, while a single stroke from edge to
+    edge is more likely part of a tightly cropped digit (the bar of a 7). A line's own level (its median)
+    is taken off it, so the line goes and darker strokes crossing it stay."""
+    cover = tf.reduce_mean(tf.cast(ink > INK_THRESHOLD, tf.float32), axis=axis)
+    is_line = cover >= LINE_COVER
+    starts = tf.logical_and(is_line, tf.logical_not(tf.pad(is_line[:-1], [[1, 0]])))
+    lines = tf.logical_and(is_line, tf.reduce_sum(tf.cast(starts, tf.int32)) >= MIN_LINES)
+    level = tf.gather(tf.sort(ink, axis=axis), tf.shape(ink)[axis] // 2, axis=axis)
+    return tf.where(tf.expand_dims(lines, axis), tf.maximum(ink - tf.expand_dims(level, axis), 0.0), ink)
+
+
+def remove_lines(ink: tf.Tensor) -> tf.Tensor:
+    """[h, w, 1] -> the same without thin lines that run across the whole image: ruled or squared paper, a
+    form's box, occluding bars. What a digit occluded by bars keeps is read as a digit with gaps (training
+    augments with such gaps: `training.data.random_occlusion`). If nothing but lines is there, the image
+    is left as it was, so "no ink" is not claimed for an image made of strokes."""
+    cleaned = _lines_removed(_lines_removed(ink[:, :, 0], axis=1), axis=0)[:, :, None]
+    return tf.cond(tf.reduce_max(cleaned) > INK_THRESHOLD, lambda: cleaned, lambda: ink)
+
+
+def _any_along(mask: tf.Tensor, axis: int) -> tf.Tensor:
+    return tf.cast(tf.where(tf.reduce_any(mask, axis=axis))[:, 0], tf.int32)
+
+
+def _near(mask: tf.Tensor, margin: int) -> tf.Tensor:
+    """[h, w] bool: within `margin` pixels of the bounding box of `mask` (everywhere if it is empty)."""
+    def within(index: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+        positions = tf.range(size)
+        return tf.cond(tf.size(index) > 0,
+                       lambda: tf.logical_and(positions >= index[0] - margin, positions <= index[-1] + margin),
+                       lambda: tf.ones_like(positions, tf.bool))
+    shape = tf.shape(mask)
+    rows, cols = within(_any_along(mask, 1), shape[0]), within(_any_along(mask, 0), shape[1])
+    return tf.logical_and(rows[:, None], cols[None, :])
+
+
 def ink_box(ink: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(top, left, height, width) of the ink; lone specks of noise do not widen it."""
-    inked = tf.cast(ink > INK_THRESHOLD, tf.float32)
-    neighbours = tf.nn.avg_pool2d(inked[None], 3, 1, "SAME")[0, :, :, 0] * 9.0  # inked pixels in 3x3
-    mask = tf.logical_and(inked[:, :, 0] > 0, neighbours >= MIN_NEIGHBOURHOOD)
-    rows = tf.cast(tf.where(tf.reduce_any(mask, axis=1))[:, 0], tf.int32)
-    cols = tf.cast(tf.where(tf.reduce_any(mask, axis=0))[:, 0], tf.int32)
+    """(top, left, height, width) of the ink. Specks and noise do not widen it: ink counts when at least
+    MIN_NEIGHBOURHOOD of its 3x3 neighbourhood are ink (no lone specks), and only within BOX_MARGIN pixels
+    of the box of the solid ink, where the 3x3 mean reaches SOLID_INK (noisy paper is inked all over,
+    but not solidly). On clean digits the margin holds the faint tips of strokes: MNIST's boxes stay."""
+    inked = ink[:, :, 0] > INK_THRESHOLD
+    neighbours = tf.nn.avg_pool2d(tf.cast(inked, tf.float32)[None, :, :, None], 3, 1, "SAME")[0, :, :, 0] * 9.0
+    mask = tf.logical_and(inked, neighbours >= MIN_NEIGHBOURHOOD)
+    solid = tf.logical_and(inked, tf.nn.avg_pool2d(ink[None], 3, 1, "SAME")[0, :, :, 0] >= SOLID_INK)
+    near = tf.logical_and(mask, _near(solid, BOX_MARGIN))
+    mask = tf.cond(tf.reduce_any(near), lambda: near, lambda: mask)
+    rows, cols = _any_along(mask, 1), _any_along(mask, 0)
     found = tf.logical_and(tf.size(rows) > 0, tf.size(cols) > 0)
     with tf.control_dependencies([tf.debugging.Assert(found, ["no ink found: nothing stands out of the image"])]):
         top, left = tf.identity(rows[0]), tf.identity(cols[0])
@@ -178,7 +224,8 @@ def fit_and_centre(ink: tf.Tensor) -> tf.Tensor:
 
 def normalize(grey: tf.Tensor) -> tf.Tensor:
     """Grey [h, w, 1] in [0, 1], any polarity and size -> an MNIST-like [28, 28, 1] white digit on black."""
-    return tf.ensure_shape(fit_and_centre(stretch_contrast(to_mnist_polarity(grey))), [IMAGE_SIZE, IMAGE_SIZE, 1])
+    ink = remove_lines(stretch_contrast(to_mnist_polarity(grey)))
+    return tf.ensure_shape(fit_and_centre(ink), [IMAGE_SIZE, IMAGE_SIZE, 1])
 
 
 def decode_and_normalize(image_bytes: tf.Tensor) -> tf.Tensor:
