@@ -142,6 +142,24 @@ def test_seeded_runs_are_reproducible(tmp_path, data_dir):
     np.testing.assert_array_equal(weights[0], weights[1])
 
 
+def test_with_ema_the_average_of_the_weights_is_validated_checkpointed_and_kept(tmp_path, data_dir):
+    kernels = {}
+    for ema in (False, True):
+        # a momentum this close to 1 keeps the average next to the first step's weights: easy to tell apart
+        cfg = tiny_config(tmp_path / f"ema_{ema}", data_dir, train_subset=512, validation_size=128, epochs=2,
+                          batch_size=64, ema=ema, ema_momentum=0.99999)
+        model = train.fit(cfg)
+        kernels[ema] = model.get_layer("conv1").get_weights()[0]
+        saved = keras.models.load_model(Path(cfg.run_dir) / "best.keras")
+        np.testing.assert_allclose(saved.get_layer("conv1").get_weights()[0], kernels[ema])
+    train.seed_everything(cfg)
+    initial = build_model(cfg).get_layer("conv1").get_weights()[0]
+    moved = {ema: float(np.abs(kernel - initial).mean()) for ema, kernel in kernels.items()}
+    # the average stays within the first Adam step (about the learning rate) of the initial weights;
+    # the raw weights moved several steps' worth
+    assert moved[True] <= 1.1 * cfg.learning_rate < 3 * cfg.learning_rate < moved[False], moved
+
+
 def test_evaluate_cli_reports_on_the_newest_version(model_base_path, data_dir, tmp_path, capsys):
     evaluate.main(["--model", str(model_base_path), "--data-dir", data_dir, "--reports-dir", str(tmp_path),
                    "--test-subset", "100"])

@@ -52,6 +52,9 @@ class Config:
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup_epochs: int = field(default=1, metadata={"help": "linear warm-up before the cosine decay"})
     early_stopping_patience: int = 5
+    ema: bool = field(default=False, metadata={
+        "help": "validate, checkpoint and export an exponential moving average of the weights"})
+    ema_momentum: float = 0.999
 
     # Calibration.
     calibrate: bool = field(default=True, metadata={"help": "fit a softmax temperature on the validation split"})

@@ -15,8 +15,10 @@ and serving cannot drift apart. Steps for one image:
 6. polarity: MNIST is a white digit on black; an image whose border is mostly light is inverted;
 7. contrast: the background (the border's median) becomes 0 and the brightest ink 1; an image without
    enough contrast is refused as blank ("no ink found"), rather than answered with a confident guess;
-8. the way MNIST itself was made: the ink's bounding box is scaled to fit 20x20 keeping its aspect ratio
-   and placed in 28x28 with its centre of mass at the centre.
+8. lines: rows or columns inked across the whole image, when there are two or more (ruled or squared
+   paper, a form's box, occluding bars), lose their own level, so the digit's strokes stay and the lines go;
+9. the way MNIST itself was made: the ink's bounding box (specks and noise kept out of it) is scaled to fit
+   20x20 keeping its aspect ratio and placed in 28x28 with its centre of mass at the centre.
 
 Problems with an image (not an image, truncated, too large, no ink) raise InvalidArgumentError with a
 message that says which: TF Serving and the embedded server answer INVALID_ARGUMENT / HTTP 400 with it.

@@ -49,6 +49,9 @@ def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
         log(f"resuming the interrupted run from {backup}")
     return [
         keras.callbacks.BackupAndRestore(str(backup)),
+        # With --ema the average is what is validated, checkpointed, kept by early stopping and exported;
+        # BackupAndRestore, before it, backs up the raw weights and the average as they are.
+        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_accuracy", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.early_stopping_patience,
                                       restore_best_weights=True),
@@ -98,7 +101,9 @@ def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     validation = data.pipeline(data.load_split(cfg, "validation"), cfg, training=False)
     with strategy.scope():
         model = build_model(cfg)
-        model.compile(optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay),
+        optimizer = keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay, use_ema=cfg.ema,
+                                           ema_momentum=cfg.ema_momentum)
+        model.compile(optimizer=optimizer,
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     log(f"model {model.name}: {model.count_params():,} parameters; training {cfg.epochs} epochs of "
         f"{data.split_names(cfg)['train']} at batch {cfg.batch_size} on {strategy.num_replicas_in_sync} "
