@@ -6,15 +6,15 @@ than `max_enqueued_batches` batches rejects new work with UNAVAILABLE. If the me
 INVALID_ARGUMENT (one bad image), the requests are rerun one by one so only the bad one fails.
 
 With a batch_timeout_micros of at most INLINE_MAX_TIMEOUT_MICROS, a request that finds a batch slot free
-and nobody queued runs at once on the caller's own thread: waiting that long for company would cost about
-what the hand-off to a batch thread costs, and a lone request then pays nothing for batching. Requests that
-arrive while every slot is busy queue up and leave as one batch when a slot frees: the batch size follows
-the load.
+and nobody queued runs at once: waiting that long for company would cost about what a hand-off costs, and a
+lone request then pays nothing for batching. Requests that arrive while every slot is busy queue up and
+leave as one batch when a slot frees: the batch size follows the load.
 
-Two entry points: `run` blocks the calling thread (the REST front end's threads), `run_async` is awaited on
-an asyncio loop (the gRPC front end). A batch's answers reach a loop in one `call_soon_threadsafe`, not one
-thread wake-up per request. On the loop a lone request (nothing else in flight on the server, as its front end
-tells) may run right there: a hand-off to the batch thread and back would cost two thread wake-ups.
+Two entry points. `run` blocks the calling thread (the REST front end's threads); a lone request runs on
+that thread. `run_async` is awaited on an asyncio loop (the gRPC front end) and always goes through the
+queue, where a free batch thread takes it without waiting: the model never runs on the loop, which must
+stay free to read the requests that gRPC hands it one at a time. A batch's answers reach a loop in one
+`call_soon_threadsafe`, not one thread wake-up per request.
 """
 
 import asyncio
@@ -107,16 +107,16 @@ class Batcher:
         return task.outputs
 
     async def run_async(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
-                        size: int, alone: bool = False) -> dict[str, np.ndarray]:
-        """alone: nothing else is in flight on the server, so nobody can join this request's batch soon."""
+                        size: int) -> dict[str, np.ndarray]:
         task = _Task(servable, signature_name, inputs, size)
-        if alone and self._run_inline(task):
-            if task.error:
-                raise task.error
-            return task.outputs
         task.future = asyncio.get_running_loop().create_future()
         self._enqueue(task)
         return await task.future
+
+    def queued(self) -> int:
+        """Requests waiting for a batch slot."""
+        with self._cond:
+            return sum(len(queue) for queue in self._queues.values())
 
     def _run_inline(self, task: _Task) -> bool:
         """Runs the task on the caller's thread if a batch slot is free and nothing is queued for it."""

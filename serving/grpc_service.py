@@ -56,21 +56,17 @@ async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
-        self._inflight = 0  # Predict calls between arrival and answer (only touched on the loop)
 
     async def Predict(self, request: predict_pb2.PredictRequest,
                       context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
-        self._inflight += 1
         try:
             version, label = version_and_label(request.model_spec)
             inputs = {name: array_from_proto(proto, name) for name, proto in request.inputs.items()}
-            result = await self.predictor.predict_async(
-                request.model_spec.name, version, label, request.model_spec.signature_name, inputs,
-                list(request.output_filter), alone=False)
+            result = await self.predictor.predict_async(request.model_spec.name, version, label,
+                                                        request.model_spec.signature_name, inputs,
+                                                        list(request.output_filter))
         except ServingError as e:
             return await _abort(context, e)
-        finally:
-            self._inflight -= 1
         response = predict_pb2.PredictResponse()
         spec = response.model_spec
         spec.name = result.model_name

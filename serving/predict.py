@@ -52,8 +52,7 @@ class Predictor:
 
     async def predict_async(self, model_name: str, version: int | None, label: str | None, signature_name: str,
                             inputs: dict[str, np.ndarray], output_filter: list[str] | None = None,
-                            alone: bool = False, api: str = "grpc") -> PredictResult:
-        """alone: no other request is in flight on this front end (see Batcher.run_async)."""
+                            api: str = "grpc") -> PredictResult:
         started = time.monotonic()
         status = "OK"
         signature_name = signature_name or DEFAULT_SIGNATURE
@@ -61,7 +60,7 @@ class Predictor:
             with self.manager.acquire(model_name, version, label) as servable:
                 batch_size = self._check(servable, signature_name, inputs, output_filter)
                 if self.batcher and batch_size:
-                    outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size, alone)
+                    outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size)
                 else:
                     outputs = await asyncio.get_running_loop().run_in_executor(self.executor, servable.run,
                                                                                signature_name, inputs)

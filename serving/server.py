@@ -24,6 +24,7 @@ Flags mirror tensorflow_model_server (both `--flag=value` and `--flag value`). D
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         log.error("%s", e)
         return 1
+    # The loaded TensorFlow graphs are millions of long-lived objects: keep the cyclic garbage collector from
+    # walking them again and again while requests run (they were ~5% of the busy time under load).
+    gc.collect()
+    gc.freeze()
     stop.wait()
     log.info("Received signal, shutting down")
     server.stop(options.grace_period_seconds)
