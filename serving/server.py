@@ -123,8 +123,8 @@ _loop_lock = threading.Lock()
 def grpc_event_loop() -> asyncio.AbstractEventLoop:
     """The asyncio loop, on its own thread, that runs every gRPC server of this process.
 
-    One loop per process, never closed: grpc.aio binds its completion queue to the loops that use it, and
-    servers started and stopped in one process (the tests) must not leave loops behind or share one.
+    One loop per process, never closed: grpc.aio's one completion queue wakes every loop bound to it, and a
+    loop must outlive the servers on it, so servers started and stopped in one process (the tests) share it.
     """
     global _loop
     with _loop_lock:
