@@ -48,6 +48,7 @@ class Cell:
     server_cpu_s: float = 0.0
     mean_batch: float = 0.0
     server_requests: int = 0  # what the server itself counted as answered in the cell, warm-up included
+    load_average: float = 0.0  # the machine's 1-minute load average as the cell ended (the run's own load too)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:

@@ -241,6 +241,7 @@ def _with_server_cpu(server: ServerProcess, run: Callable[[], loadgen.Cell]) -> 
     cpu, before = server.cpu_seconds(), server.counters()
     cell = run()
     cell.server_cpu_s = server.cpu_seconds() - cpu
+    cell.load_average = os.getloadavg()[0]
     after = server.counters()
     delta = {key: value - before.get(key, 0) for key, value in after.items()}
     failed = sum(v for k, v in delta.items() if k.startswith(f"{cell.api}/") and not k.endswith("/OK"))
@@ -432,25 +433,29 @@ def run(settings: Settings) -> dict:
                 process.stop()
     results["generators"] = generator_costs(cells)
     results["criteria"] = criteria(results)
+    results["machine"]["load_average_at_end"] = os.getloadavg()  # other work during the run shows here
     return results
 
 
 def markdown(results: dict) -> str:
     m, inproc = results["machine"], results["in_process"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; Python {m['python']}, "
-             f"TensorFlow {m['tensorflow']}; load average at start {m['load_average_at_start'][0]:.2f}; "
+             f"TensorFlow {m['tensorflow']}; load average at start {m['load_average_at_start'][0]:.2f}, "
+             f"at end {m['load_average_at_end'][0]:.2f}; "
              f"commit {m['git_commit']}. Model: `{results['model']}`.", "",
              "| in process (`serving_default`) | value |", "| --- | --- |",
              f"| one image, p50 / p99 | {inproc['latency_p50_ms']:.2f} / {inproc['latency_p99_ms']:.2f} ms |"]
     lines += [f"| batch {b} | {rate:,.0f} images/s |" for b, rate in inproc["throughput"].items()]
     lines += ["", "| server | generator | concurrency | requests/s | p50 ms | p99 ms | errors | answers checked "
-              "| server CPU ms/request | mean batch |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| server CPU ms/request | mean batch | load average |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     baseline = [{**results["baseline"], "api": "naive baseline (REST)"}] if results["baseline"] else []
     for c in [*results["server"], *baseline]:
         served = c["server_requests"] or c["requests"]
         cpu = c["server_cpu_s"] / served * 1000 if served else float("nan")
         lines.append(f"| {c['api']} | {c['generator']} | {c['concurrency']} | {c['rps']:,.0f} | {c['p50_ms']:.2f} | "
-                     f"{c['p99_ms']:.2f} | {c['errors']} | {c['checked']:,} | {cpu:.2f} | {c['mean_batch']:.1f} |")
+                     f"{c['p99_ms']:.2f} | {c['errors']} | {c['checked']:,} | {cpu:.2f} | {c['mean_batch']:.1f} | "
+                     f"{c.get('load_average', 0):.1f} |")
     mem = results["memory"] or {}
     lines += [""]
     if mem:

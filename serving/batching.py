@@ -6,12 +6,18 @@ than `max_enqueued_batches` batches rejects new work with UNAVAILABLE. If the me
 INVALID_ARGUMENT (one bad image), the requests are rerun one by one so only the bad one fails.
 
 With a batch_timeout_micros of at most INLINE_MAX_TIMEOUT_MICROS, a request that finds a batch slot free
-and nobody queued runs at once on the caller's own thread: waiting that long for company would cost about
-what the hand-off to a batch thread costs, and a lone request then pays nothing for batching. Requests that
-arrive while every slot is busy queue up and leave as one batch when a slot frees: the batch size follows
-the load.
+and nobody queued runs at once: waiting that long for company would cost about what a hand-off costs, and a
+lone request then pays nothing for batching. Requests that arrive while every slot is busy queue up and
+leave as one batch when a slot frees: the batch size follows the load.
+
+Two entry points. `run` blocks the calling thread (the REST front end's threads); a lone request runs on
+that thread. `run_async` is awaited on an asyncio loop (the gRPC front end) and always goes through the
+queue, where a free batch thread takes it without waiting: the model never runs on the loop, which must
+stay free to read the requests that gRPC hands it one at a time. A batch's answers reach a loop in one
+`call_soon_threadsafe`, not one thread wake-up per request.
 """
 
+import asyncio
 import bisect
 import logging
 import threading
@@ -61,9 +67,19 @@ class _Task:
     inputs: dict[str, np.ndarray]
     size: int
     enqueued: float = field(default_factory=time.monotonic)
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None  # run(): set when finished
+    future: asyncio.Future | None = None  # run_async(): resolved on its loop when finished
     outputs: dict[str, np.ndarray] | None = None
     error: ServingError | None = None
+
+    def resolve(self) -> None:
+        """On the future's loop: hand the outputs or the error to the awaiting coroutine."""
+        if self.future.done():  # cancelled: the client went away
+            return
+        if self.error:
+            self.future.set_exception(self.error)
+        else:
+            self.future.set_result(self.outputs)
 
 
 class Batcher:
@@ -82,42 +98,58 @@ class Batcher:
     def run(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
             size: int) -> dict[str, np.ndarray]:
         task = _Task(servable, signature_name, inputs, size)
-        key = (id(servable), signature_name)
-        with self._cond:
-            if (self.options.batch_timeout_micros <= INLINE_MAX_TIMEOUT_MICROS
-                    and self._running < self.options.num_batch_threads
-                    and not self._queues.get(key) and not self._stopping):
-                self._running += 1
-                inline = True
-            else:
-                inline = False
-        if inline:
-            try:
-                self._on_batch(size)
-                self._run_alone(task)
-            finally:
-                with self._cond:
-                    self._running -= 1
-                    self._cond.notify()
-            if task.error:
-                raise task.error
-            return task.outputs
-        with self._cond:
-            queue = self._queues.setdefault(key, [])
-            limit = self.options.max_enqueued_batches * self.options.max_batch_size
-            if sum(t.size for t in queue) + size > limit:
-                raise ServingError(grpc.StatusCode.UNAVAILABLE,
-                                   "The batch scheduling queue to which this task was submitted is full")
-            queue.append(task)
-            self._cond.notify()
-        task.done.wait()
+        if not self._run_inline(task):
+            task.done = threading.Event()
+            self._enqueue(task)
+            task.done.wait()
         if task.error:
             raise task.error
         return task.outputs
 
+    async def run_async(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
+                        size: int) -> dict[str, np.ndarray]:
+        task = _Task(servable, signature_name, inputs, size)
+        task.future = asyncio.get_running_loop().create_future()
+        self._enqueue(task)
+        return await task.future
+
+    def queued(self) -> int:
+        """Requests waiting for a batch slot."""
+        with self._cond:
+            return sum(len(queue) for queue in self._queues.values())
+
+    def _run_inline(self, task: _Task) -> bool:
+        """Runs the task on the caller's thread if a batch slot is free and nothing is queued for it."""
+        with self._cond:
+            if (self.options.batch_timeout_micros > INLINE_MAX_TIMEOUT_MICROS or self._stopping
+                    or self._running >= self.options.num_batch_threads
+                    or self._queues.get((id(task.servable), task.signature_name))):
+                return False
+            self._running += 1
+        try:
+            self._on_batch(task.size)
+            self._run_alone(task)
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify()
+        return True
+
+    def _enqueue(self, task: _Task) -> None:
+        with self._cond:
+            queue = self._queues.setdefault((id(task.servable), task.signature_name), [])
+            limit = self.options.max_enqueued_batches * self.options.max_batch_size
+            if sum(t.size for t in queue) + task.size > limit:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE,
+                                   "The batch scheduling queue to which this task was submitted is full")
+            queue.append(task)
+            self._cond.notify()
+
     def _next_batch(self) -> list[_Task] | None:
         """Under the lock: wait until some queue is full or its oldest task has waited long enough."""
         timeout = self.options.batch_timeout_micros / 1e6
+        if self.options.batch_timeout_micros <= INLINE_MAX_TIMEOUT_MICROS:
+            timeout = 0.0  # a free slot takes what is queued at once (see the module docstring)
         while True:
             now, wake = time.monotonic(), None
             if self._running >= self.options.num_batch_threads and not self._stopping:
@@ -151,10 +183,24 @@ class Batcher:
                 with self._cond:
                     self._running -= 1
                     self._cond.notify()
-                for task in batch:
-                    if task.outputs is None and task.error is None:
-                        task.error = ServingError(grpc.StatusCode.INTERNAL, "batch processing failed")
-                    task.done.set()
+                self._finish(batch)
+
+    @staticmethod
+    def _finish(batch: list[_Task]) -> None:
+        """Wakes the waiting threads, and each event loop once with all of its tasks."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Task]] = {}
+        for task in batch:
+            if task.outputs is None and task.error is None:
+                task.error = ServingError(grpc.StatusCode.INTERNAL, "batch processing failed")
+            if task.future is not None:
+                by_loop.setdefault(task.future.get_loop(), []).append(task)
+            else:
+                task.done.set()
+        for loop, tasks in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, tasks)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                log.debug("event loop closed before %d answers were delivered", len(tasks))
 
     def _process(self, batch: list[_Task]) -> None:
         total = sum(t.size for t in batch)
@@ -208,3 +254,8 @@ class Batcher:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=30)
+
+
+def _resolve_all(tasks: list[_Task]) -> None:
+    for task in tasks:
+        task.resolve()

@@ -1,4 +1,9 @@
-"""tensorflow.serving.PredictionService and ModelService over gRPC, with the official servicer bases."""
+"""tensorflow.serving.PredictionService and ModelService over gRPC, with the official servicer bases.
+
+The servicers are coroutines for a `grpc.aio` server: one event loop does the protocol work for every call,
+instead of a pool of threads that take turns at the GIL. Nothing here blocks the loop for long: Predict awaits
+the batcher (or a thread pool without batching); the metadata and status calls only read.
+"""
 
 import grpc
 from tensorflow_serving.apis import (
@@ -13,7 +18,7 @@ from tensorflow_serving.apis import (
 from serving.errors import ServingError
 from serving.models import ModelManager, Servable
 from serving.predict import Predictor
-from serving.tensors import array_from_proto, array_to_proto
+from serving.tensors import array_from_proto, fill_proto
 
 
 def version_and_label(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
@@ -44,37 +49,40 @@ def status_response(manager: ModelManager, name: str,
     return response
 
 
-def _abort(context: grpc.ServicerContext, error: ServingError) -> None:
-    context.abort(error.code, error.message)
+async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
+    await context.abort(error.code, error.message)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
 
-    def Predict(self, request: predict_pb2.PredictRequest,
-                context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
+    async def Predict(self, request: predict_pb2.PredictRequest,
+                      context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         try:
             version, label = version_and_label(request.model_spec)
             inputs = {name: array_from_proto(proto, name) for name, proto in request.inputs.items()}
-            result = self.predictor.predict(request.model_spec.name, version, label, request.model_spec.signature_name,
-                                            lambda servable, signature_name: inputs, list(request.output_filter))
+            result = await self.predictor.predict_async(request.model_spec.name, version, label,
+                                                        request.model_spec.signature_name, inputs,
+                                                        list(request.output_filter))
         except ServingError as e:
-            return _abort(context, e)
+            return await _abort(context, e)
         response = predict_pb2.PredictResponse()
-        response.model_spec.name = result.model_name
-        response.model_spec.version.value = result.version
-        response.model_spec.signature_name = result.signature_name
+        spec = response.model_spec
+        spec.name = result.model_name
+        spec.version.value = result.version
+        spec.signature_name = result.signature_name
+        outputs = response.outputs
         for name, value in result.outputs.items():
-            response.outputs[name].CopyFrom(array_to_proto(value))
+            fill_proto(outputs[name], value)
         return response
 
-    def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
-                         context: grpc.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+                               context: grpc.aio.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
         fields = list(request.metadata_field)
         if fields != ["signature_def"]:
-            return context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"Metadata field(s) {fields} not supported: ask for exactly ['signature_def']")
+            return await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"Metadata field(s) {fields} not supported: ask for exactly ['signature_def']")
         try:
             version, label = version_and_label(request.model_spec)
             with self.predictor.manager.acquire(request.model_spec.name, version, label) as servable:
@@ -84,37 +92,39 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 response.metadata["signature_def"].Pack(signature_def_map(servable))
                 return response
         except ServingError as e:
-            return _abort(context, e)
+            return await _abort(context, e)
 
-    def Classify(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Classify is not implemented: the model has no classify signature")
+    async def Classify(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "Classify is not implemented: the model has no classify signature")
 
-    def Regress(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Regress is not implemented: the model has no regress signature")
+    async def Regress(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "Regress is not implemented: the model has no regress signature")
 
-    def MultiInference(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented")
+    async def MultiInference(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented")
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
-                       context: grpc.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
+    async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
+                             context: grpc.aio.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
         try:
             version, label = version_and_label(request.model_spec)
             if label:
                 version = self.manager.model(request.model_spec.name).resolve(label=label).version
             return status_response(self.manager, request.model_spec.name, version)
         except ServingError as e:
-            return _abort(context, e)
+            return await _abort(context, e)
 
-    def HandleReloadConfigRequest(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "HandleReloadConfigRequest is not implemented: restart the server with the new config")
+    async def HandleReloadConfigRequest(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "HandleReloadConfigRequest is not implemented: restart the server with the new config")
 
 
-def add_services(server: grpc.Server, predictor: Predictor) -> None:
+def add_services(server: grpc.aio.Server, predictor: Predictor) -> None:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(predictor), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor.manager), server)

@@ -55,12 +55,17 @@ class Servable:
         self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = dict(meta_graph.signature_def)
         self._inflight = 0
         self._idle = threading.Condition()
+        # Asked on every request and rebuilt by TensorFlow on every access: computed once.
+        self._input_specs = {name: dict(fn.structured_input_signature[1]) for name, fn in self.signatures.items()}
+        self._output_names = {name: sorted(fn.structured_outputs) for name, fn in self.signatures.items()}
 
     def input_specs(self, signature_name: str) -> dict[str, tf.TensorSpec]:
-        return dict(self.function(signature_name).structured_input_signature[1])
+        self.function(signature_name)  # the error for an unknown signature
+        return self._input_specs[signature_name or DEFAULT_SIGNATURE]
 
     def output_names(self, signature_name: str) -> list[str]:
-        return sorted(self.function(signature_name).structured_outputs)
+        self.function(signature_name)
+        return self._output_names[signature_name or DEFAULT_SIGNATURE]
 
     def function(self, signature_name: str) -> Callable:
         fn = self.signatures.get(signature_name or DEFAULT_SIGNATURE)

@@ -1,7 +1,13 @@
-"""Predict, shared by the gRPC and REST front ends: find the servable, check the inputs, run, filter."""
+"""Predict, shared by the gRPC and REST front ends: find the servable, check the inputs, run, filter.
 
+`predict` blocks the calling thread (REST); `predict_async` is the same on an asyncio loop (gRPC): with
+batching it awaits the batcher, without it the signature runs on a thread pool so the loop keeps serving.
+"""
+
+import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import grpc
@@ -22,8 +28,10 @@ class PredictResult:
 
 
 class Predictor:
-    def __init__(self, manager: ModelManager, batcher: Batcher | None, metrics: Metrics) -> None:
+    def __init__(self, manager: ModelManager, batcher: Batcher | None, metrics: Metrics,
+                 executor: Executor | None = None) -> None:
         self.manager, self.batcher, self.metrics = manager, batcher, metrics
+        self.executor = executor  # predict_async without batching: where the signature runs
 
     def predict(self, model_name: str, version: int | None, label: str | None, signature_name: str,
                 get_inputs: Callable[[Servable, str], dict[str, np.ndarray]], output_filter: list[str] | None = None,
@@ -42,19 +50,53 @@ class Predictor:
         finally:
             self.metrics.record_request(model_name, api, status, time.monotonic() - started)
 
+    async def predict_async(self, model_name: str, version: int | None, label: str | None, signature_name: str,
+                            inputs: dict[str, np.ndarray], output_filter: list[str] | None = None,
+                            api: str = "grpc") -> PredictResult:
+        started = time.monotonic()
+        status = "OK"
+        signature_name = signature_name or DEFAULT_SIGNATURE
+        try:
+            with self.manager.acquire(model_name, version, label) as servable:
+                batch_size = self._check(servable, signature_name, inputs, output_filter)
+                if self.batcher and batch_size:
+                    outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size)
+                else:
+                    outputs = await asyncio.get_running_loop().run_in_executor(self.executor, servable.run,
+                                                                               signature_name, inputs)
+                return self._result(servable, signature_name, outputs, output_filter)
+        except ServingError as e:
+            status = e.code.name
+            raise
+        finally:
+            self.metrics.record_request(model_name, api, status, time.monotonic() - started)
+
     def _run(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
              output_filter: list[str] | None) -> PredictResult:
-        batch_size = servable.check_inputs(signature_name, inputs)
-        known = servable.output_names(signature_name)
-        unknown = sorted(set(output_filter or ()) - set(known))
-        if unknown:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"output tensor alias not found in signature: {', '.join(unknown)}. "
-                               f"Outputs expected to be in the set {{{', '.join(known)}}}.")
+        batch_size = self._check(servable, signature_name, inputs, output_filter)
         if self.batcher and batch_size:
             outputs = self.batcher.run(servable, signature_name, inputs, batch_size)
         else:
             outputs = servable.run(signature_name, inputs)
+        return self._result(servable, signature_name, outputs, output_filter)
+
+    @staticmethod
+    def _check(servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
+               output_filter: list[str] | None) -> int | None:
+        """Validates inputs and output filter; returns the batch size (None: cannot be merged)."""
+        batch_size = servable.check_inputs(signature_name, inputs)
+        if output_filter:
+            known = servable.output_names(signature_name)
+            unknown = sorted(set(output_filter) - set(known))
+            if unknown:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"output tensor alias not found in signature: {', '.join(unknown)}. "
+                                   f"Outputs expected to be in the set {{{', '.join(known)}}}.")
+        return batch_size
+
+    @staticmethod
+    def _result(servable: Servable, signature_name: str, outputs: dict[str, np.ndarray],
+                output_filter: list[str] | None) -> PredictResult:
         if output_filter:
             outputs = {name: outputs[name] for name in output_filter}
         return PredictResult(servable.name, servable.version, signature_name, outputs)

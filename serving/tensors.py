@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from serving.errors import ServingError
 
@@ -153,9 +153,20 @@ def array_from_proto(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
 
 def array_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
     """What tf.make_tensor_proto returns, built directly for numeric arrays (~100 us less each)."""
+    proto = tensor_pb2.TensorProto()
+    fill_proto(proto, array)
+    return proto
+
+
+def fill_proto(proto: tensor_pb2.TensorProto, array: np.ndarray) -> None:
+    """Writes the array into an empty TensorProto in place (a map entry of a response: no copy)."""
     enum = _CONTENT_DTYPES.get(array.dtype)
     if enum is None or not _IS_LITTLE_ENDIAN:
-        return tf.make_tensor_proto(array)
-    proto = tensor_pb2.TensorProto(dtype=enum, tensor_content=np.ascontiguousarray(array).tobytes())
-    proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in array.shape)
-    return proto
+        proto.CopyFrom(tf.make_tensor_proto(array))
+        return
+    proto.dtype = enum
+    proto.tensor_content = array.tobytes()  # C order, like np.ascontiguousarray(array).tobytes()
+    proto.tensor_shape.SetInParent()
+    dims = proto.tensor_shape.dim
+    for size in array.shape:
+        dims.add(size=size)

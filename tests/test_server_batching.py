@@ -14,6 +14,7 @@ from tests.test_server_support import (
     prediction_stub,
     rest,
     start_test_server,
+    wait_for,
 )
 
 BATCH = 8
@@ -84,3 +85,20 @@ def test_request_larger_than_max_batch_size_still_runs(server, mnist_png_bytes):
     images = [png for png, _ in mnist_png_bytes[:BATCH + 3]]
     response = prediction_stub(server).Predict(predict_request(images), timeout=120)
     assert tf.make_ndarray(response.outputs["digit"]).shape == (BATCH + 3,)
+
+
+def test_a_client_that_gives_up_does_not_disturb_its_batch(server, expected):
+    """A cancelled call's slot still runs (its batch leaves when full); the others get their own answers."""
+    images, digits = expected
+    stub = prediction_stub(server)
+    calls_before, images_before = batch_stats(server)
+    futures = [stub.Predict.future(predict_request([image]), timeout=120) for image in images[:BATCH - 1]]
+    gone = futures.pop(0)
+    wait_for(lambda: server.batcher.queued() == BATCH - 1, what="the calls to reach the batch queue")
+    gone.cancel()
+    futures.append(stub.Predict.future(predict_request([images[-1]]), timeout=120))
+    answers = [tf.make_ndarray(f.result().outputs["digit"]) for f in futures]
+    np.testing.assert_array_equal(np.concatenate(answers), digits[1:])
+    assert batch_stats(server) == (calls_before + 1, images_before + BATCH)
+    assert tf.make_ndarray(stub.Predict(predict_request(images[:BATCH]), timeout=120).outputs["digit"]).shape == (
+        BATCH,)
