@@ -29,7 +29,7 @@ class Config:
     branch2_kernel: int = field(default=3, metadata={"help": "kernel of conv2_2 and conv3_2"})
     fc1_units: int = 256
     fc2_units: int = 128
-    dropout: float = field(default=0.3, metadata={"help": "dropout before fc1, fc2 and output"})
+    dropout: float = field(default=0.15, metadata={"help": "dropout before fc1, fc2 and output"})
     batch_norm: bool = field(default=False, metadata={"help": "batch normalisation after each convolution"})
     weight_decay: float = field(default=1e-4, metadata={"help": "decoupled weight decay (AdamW)"})
 
@@ -47,12 +47,12 @@ class Config:
                 "behind bars or after the serving graph removes ruled lines)"})
 
     # Optimisation.
-    epochs: int = 12
+    epochs: int = 15
     batch_size: int = 128
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup_epochs: int = field(default=1, metadata={"help": "linear warm-up before the cosine decay"})
     early_stopping_patience: int = 5
-    ema: bool = field(default=False, metadata={
+    ema: bool = field(default=True, metadata={
         "help": "validate, checkpoint and export an exponential moving average of the weights"})
     ema_momentum: float = 0.999
 
