@@ -156,9 +156,12 @@ def _lines_removed(ink: tf.Tensor, axis: int) -> tf.Tensor:
     cover = tf.reduce_mean(tf.cast(ink > INK_THRESHOLD, tf.float32), axis=axis)
     is_line = cover >= LINE_COVER
     starts = tf.logical_and(is_line, tf.logical_not(tf.pad(is_line[:-1], [[1, 0]])))
-    lines = tf.logical_and(is_line, tf.reduce_sum(tf.cast(starts, tf.int32)) >= MIN_LINES)
-    level = tf.gather(tf.sort(ink, axis=axis), tf.shape(ink)[axis] // 2, axis=axis)
-    return tf.where(tf.expand_dims(lines, axis), tf.maximum(ink - tf.expand_dims(level, axis), 0.0), ink)
+
+    def remove() -> tf.Tensor:  # the sort for the medians only runs for images that have lines
+        level = tf.expand_dims(tf.gather(tf.sort(ink, axis=axis), tf.shape(ink)[axis] // 2, axis=axis), axis)
+        return tf.where(tf.expand_dims(is_line, axis), tf.maximum(ink - level, 0.0), ink)
+
+    return tf.cond(tf.reduce_sum(tf.cast(starts, tf.int32)) >= MIN_LINES, remove, lambda: ink)
 
 
 def remove_lines(ink: tf.Tensor) -> tf.Tensor:
@@ -167,7 +170,7 @@ def remove_lines(ink: tf.Tensor) -> tf.Tensor:
     augments with such gaps: `training.data.random_occlusion`). If nothing but lines is there, the image
     is left as it was, so "no ink" is not claimed for an image made of strokes."""
     cleaned = _lines_removed(_lines_removed(ink[:, :, 0], axis=1), axis=0)[:, :, None]
-    return tf.cond(tf.reduce_max(cleaned) > INK_THRESHOLD, lambda: cleaned, lambda: ink)
+    return tf.where(tf.reduce_max(cleaned) > INK_THRESHOLD, cleaned, ink)
 
 
 def _any_along(mask: tf.Tensor, axis: int) -> tf.Tensor:
@@ -176,14 +179,14 @@ def _any_along(mask: tf.Tensor, axis: int) -> tf.Tensor:
 
 def _near(mask: tf.Tensor, margin: int) -> tf.Tensor:
     """[h, w] bool: within `margin` pixels of the bounding box of `mask` (everywhere if it is empty)."""
-    def within(index: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-        positions = tf.range(size)
-        return tf.cond(tf.size(index) > 0,
-                       lambda: tf.logical_and(positions >= index[0] - margin, positions <= index[-1] + margin),
-                       lambda: tf.ones_like(positions, tf.bool))
-    shape = tf.shape(mask)
-    rows, cols = within(_any_along(mask, 1), shape[0]), within(_any_along(mask, 0), shape[1])
-    return tf.logical_and(rows[:, None], cols[None, :])
+    def within(along: tf.Tensor) -> tf.Tensor:  # along: [n] bool, some pixel of the line is in the mask
+        n = tf.size(along)
+        first = tf.argmax(tf.cast(along, tf.int32), output_type=tf.int32)
+        last = n - 1 - tf.argmax(tf.cast(along[::-1], tf.int32), output_type=tf.int32)
+        positions = tf.range(n)
+        inside = tf.logical_and(positions >= first - margin, positions <= last + margin)
+        return tf.logical_or(inside, tf.logical_not(tf.reduce_any(along)))
+    return tf.logical_and(within(tf.reduce_any(mask, axis=1))[:, None], within(tf.reduce_any(mask, axis=0))[None, :])
 
 
 def ink_box(ink: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -192,11 +195,12 @@ def ink_box(ink: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
     of the box of the solid ink, where the 3x3 mean reaches SOLID_INK (noisy paper is inked all over,
     but not solidly). On clean digits the margin holds the faint tips of strokes: MNIST's boxes stay."""
     inked = ink[:, :, 0] > INK_THRESHOLD
-    neighbours = tf.nn.avg_pool2d(tf.cast(inked, tf.float32)[None, :, :, None], 3, 1, "SAME")[0, :, :, 0] * 9.0
-    mask = tf.logical_and(inked, neighbours >= MIN_NEIGHBOURHOOD)
-    solid = tf.logical_and(inked, tf.nn.avg_pool2d(ink[None], 3, 1, "SAME")[0, :, :, 0] >= SOLID_INK)
+    # one pooling for both 3x3 means: the share of inked pixels and the mean ink
+    means = tf.nn.avg_pool2d(tf.stack([tf.cast(inked, tf.float32), ink[:, :, 0]], axis=-1)[None], 3, 1, "SAME")[0]
+    mask = tf.logical_and(inked, means[:, :, 0] * 9.0 >= MIN_NEIGHBOURHOOD)
+    solid = tf.logical_and(inked, means[:, :, 1] >= SOLID_INK)
     near = tf.logical_and(mask, _near(solid, BOX_MARGIN))
-    mask = tf.cond(tf.reduce_any(near), lambda: near, lambda: mask)
+    mask = tf.where(tf.reduce_any(near), near, mask)
     rows, cols = _any_along(mask, 1), _any_along(mask, 0)
     found = tf.logical_and(tf.size(rows) > 0, tf.size(cols) > 0)
     with tf.control_dependencies([tf.debugging.Assert(found, ["no ink found: nothing stands out of the image"])]):
