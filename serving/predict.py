@@ -6,8 +6,9 @@ batching it awaits the batcher, without it the signature runs on a thread pool s
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -33,52 +34,47 @@ class Predictor:
         self.manager, self.batcher, self.metrics = manager, batcher, metrics
         self.executor = executor  # predict_async without batching: where the signature runs
 
+    @contextmanager
+    def _serving(self, model_name: str, version: int | None, label: str | None,
+                 api: str) -> Iterator[Servable]:
+        """The servable for one request, held while it runs; the request's status and latency recorded."""
+        started = time.monotonic()
+        status = "OK"
+        try:
+            with self.manager.acquire(model_name, version, label) as servable:
+                yield servable
+        except ServingError as e:
+            status = e.code.name
+            raise
+        finally:
+            self.metrics.record_request(model_name, api, status, time.monotonic() - started)
+
     def predict(self, model_name: str, version: int | None, label: str | None, signature_name: str,
                 get_inputs: Callable[[Servable, str], dict[str, np.ndarray]], output_filter: list[str] | None = None,
                 api: str = "grpc") -> PredictResult:
         """get_inputs(servable, signature_name) builds the input arrays once the servable is known."""
-        started = time.monotonic()
-        status = "OK"
         signature_name = signature_name or DEFAULT_SIGNATURE
-        try:
-            with self.manager.acquire(model_name, version, label) as servable:
-                inputs = get_inputs(servable, signature_name)
-                return self._run(servable, signature_name, inputs, output_filter)
-        except ServingError as e:
-            status = e.code.name
-            raise
-        finally:
-            self.metrics.record_request(model_name, api, status, time.monotonic() - started)
+        with self._serving(model_name, version, label, api) as servable:
+            inputs = get_inputs(servable, signature_name)
+            batch_size = self._check(servable, signature_name, inputs, output_filter)
+            if self.batcher and batch_size:
+                outputs = self.batcher.run(servable, signature_name, inputs, batch_size)
+            else:
+                outputs = servable.run(signature_name, inputs)
+            return self._result(servable, signature_name, outputs, output_filter)
 
     async def predict_async(self, model_name: str, version: int | None, label: str | None, signature_name: str,
                             inputs: dict[str, np.ndarray], output_filter: list[str] | None = None,
                             api: str = "grpc") -> PredictResult:
-        started = time.monotonic()
-        status = "OK"
         signature_name = signature_name or DEFAULT_SIGNATURE
-        try:
-            with self.manager.acquire(model_name, version, label) as servable:
-                batch_size = self._check(servable, signature_name, inputs, output_filter)
-                if self.batcher and batch_size:
-                    outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size)
-                else:
-                    outputs = await asyncio.get_running_loop().run_in_executor(self.executor, servable.run,
-                                                                               signature_name, inputs)
-                return self._result(servable, signature_name, outputs, output_filter)
-        except ServingError as e:
-            status = e.code.name
-            raise
-        finally:
-            self.metrics.record_request(model_name, api, status, time.monotonic() - started)
-
-    def _run(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
-             output_filter: list[str] | None) -> PredictResult:
-        batch_size = self._check(servable, signature_name, inputs, output_filter)
-        if self.batcher and batch_size:
-            outputs = self.batcher.run(servable, signature_name, inputs, batch_size)
-        else:
-            outputs = servable.run(signature_name, inputs)
-        return self._result(servable, signature_name, outputs, output_filter)
+        with self._serving(model_name, version, label, api) as servable:
+            batch_size = self._check(servable, signature_name, inputs, output_filter)
+            if self.batcher and batch_size:
+                outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(self.executor, servable.run,
+                                                                           signature_name, inputs)
+            return self._result(servable, signature_name, outputs, output_filter)
 
     @staticmethod
     def _check(servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],

@@ -151,15 +151,9 @@ def array_from_proto(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
         raise _invalid(f"input '{name}' is not a valid TensorProto: {e}") from None
 
 
-def array_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
-    """What tf.make_tensor_proto returns, built directly for numeric arrays (~100 us less each)."""
-    proto = tensor_pb2.TensorProto()
-    fill_proto(proto, array)
-    return proto
-
-
 def fill_proto(proto: tensor_pb2.TensorProto, array: np.ndarray) -> None:
-    """Writes the array into an empty TensorProto in place (a map entry of a response: no copy)."""
+    """Writes what tf.make_tensor_proto would return into an empty TensorProto, in place (a map entry of a
+    response: no copy); numeric arrays are written directly (~100 us less each)."""
     enum = _CONTENT_DTYPES.get(array.dtype)
     if enum is None or not _IS_LITTLE_ENDIAN:
         proto.CopyFrom(tf.make_tensor_proto(array))
