@@ -59,6 +59,18 @@ class BatchingOptions:
             raise ValueError("max_batch_size and num_batch_threads must be >= 1")
         return options
 
+    @property
+    def runs_at_once(self) -> bool:
+        """A timeout this short (at most INLINE_MAX_TIMEOUT_MICROS) means: do not wait for company at all; a
+        free batch slot takes what is queued at once, and a lone request runs on the caller's thread (see the
+        module docstring)."""
+        return self.batch_timeout_micros <= INLINE_MAX_TIMEOUT_MICROS
+
+    @property
+    def wait_seconds(self) -> float:
+        """How long the oldest queued request waits for company."""
+        return 0.0 if self.runs_at_once else self.batch_timeout_micros / 1e6
+
 
 @dataclass
 class _Task:
@@ -121,7 +133,7 @@ class Batcher:
     def _run_inline(self, task: _Task) -> bool:
         """Runs the task on the caller's thread if a batch slot is free and nothing is queued for it."""
         with self._cond:
-            if (self.options.batch_timeout_micros > INLINE_MAX_TIMEOUT_MICROS or self._stopping
+            if (not self.options.runs_at_once or self._stopping
                     or self._running >= self.options.num_batch_threads
                     or self._queues.get((id(task.servable), task.signature_name))):
                 return False
@@ -147,9 +159,7 @@ class Batcher:
 
     def _next_batch(self) -> list[_Task] | None:
         """Under the lock: wait until some queue is full or its oldest task has waited long enough."""
-        timeout = self.options.batch_timeout_micros / 1e6
-        if self.options.batch_timeout_micros <= INLINE_MAX_TIMEOUT_MICROS:
-            timeout = 0.0  # a free slot takes what is queued at once (see the module docstring)
+        timeout = self.options.wait_seconds
         while True:
             now, wake = time.monotonic(), None
             if self._running >= self.options.num_batch_threads and not self._stopping:
