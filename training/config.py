@@ -47,11 +47,15 @@ class Config:
                 "behind bars or after the serving graph removes ruled lines)"})
 
     # Optimisation.
-    epochs: int = 15
+    epochs: int = 24
     batch_size: int = 128
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup_epochs: int = field(default=1, metadata={"help": "linear warm-up before the cosine decay"})
     early_stopping_patience: int = 5
+    monitor: str = field(default="val_loss", metadata={
+        "help": "validation metric that picks the epoch kept by the checkpoint and early stopping: val_loss "
+                "(smooth, so a decaying schedule runs to its end) or val_accuracy (steps of 1/5,000: a plateau "
+                "stops the run while the learning rate is still high)"})
     ema: bool = field(default=True, metadata={
         "help": "validate, checkpoint and export an exponential moving average of the weights"})
     ema_momentum: float = 0.999

@@ -52,8 +52,8 @@ def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
         # With --ema the average is what is validated, checkpointed, kept by early stopping and exported;
         # BackupAndRestore, before it, backs up the raw weights and the average as they are.
         *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_accuracy", save_best_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.early_stopping_patience,
+        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=cfg.monitor, save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor=cfg.monitor, patience=cfg.early_stopping_patience,
                                       restore_best_weights=True),
         keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(epoch, cfg)),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
