@@ -204,3 +204,20 @@ def test_only_the_chief_of_a_cluster_exports(monkeypatch):
 def test_an_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="--strategy must be one of"):
         train.make_strategy(tiny_config(Path("/nonexistent"), "", strategy="tpu"))
+
+
+def test_with_ema_and_batch_norm_the_statistics_belong_to_the_averaged_weights(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path, data_dir, train_subset=512, validation_size=128, epochs=2, batch_size=64,
+                      ema=True, ema_momentum=0.99, batch_norm=True)
+    model = train.fit(cfg)
+    images = np.concatenate(list(train.clean_training_images(cfg).as_numpy_iterator()))
+    for name in ("conv1_bn", "conv3_2_bn"):
+        layer = model.get_layer(name)
+        activations = keras.Model(model.input, layer.input).predict(images, verbose=0)
+        mean, variance = layer.get_weights()[2:]  # gamma, beta, moving mean, moving variance
+        # what this image set gives through the weights the model holds, not the raw weights' running average
+        # (deeper layers differ slightly: while re-estimating, the layers before them normalise by batch)
+        np.testing.assert_allclose(mean, activations.mean(axis=(0, 1, 2)), rtol=1e-2, atol=2e-3)
+        np.testing.assert_allclose(variance, activations.var(axis=(0, 1, 2)), rtol=0.05, atol=1e-4)
+    saved = keras.models.load_model(Path(cfg.run_dir) / "best.keras")
+    np.testing.assert_allclose(saved.get_layer("conv1_bn").get_weights()[2], model.get_layer("conv1_bn").get_weights()[2])

@@ -42,6 +42,36 @@ def learning_rate_at(epoch: int, cfg: Config) -> float:
     return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def refresh_batch_norm(model: keras.Model, images: tf.data.Dataset, batches: int) -> None:
+    """Re-estimates every batch-norm layer's moving mean and variance for the weights the model holds now,
+    as the average of the statistics of `batches` batches of `images` (each batch's stats count equally)."""
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return
+    momenta = [layer.momentum for layer in norms]
+    try:
+        for k, batch in enumerate(images.take(batches)):
+            for layer in norms:
+                layer.momentum = k / (k + 1)  # the first batch replaces the old statistics, the k-th weighs 1/k
+            model(batch, training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+
+
+class BatchNormForAverage(keras.callbacks.Callback):
+    """Keras averages only trainable variables (`use_ema`), so the batch-norm statistics in the model are
+    those of the raw weights' activations. Placed after SwapEMAWeights, this re-estimates them for the
+    averaged weights before each validation, so what is validated, checkpointed and exported agrees."""
+
+    def __init__(self, images: tf.data.Dataset, batches: int = 50):
+        super().__init__()
+        self.images, self.batches = images, batches
+
+    def on_test_begin(self, logs=None):
+        refresh_batch_norm(self.model, self.images, self.batches)
+
+
 def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
     backup = run_dir / "backup"
     resuming = backup.exists() and any(backup.iterdir())
@@ -52,6 +82,7 @@ def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
         # With --ema the average is what is validated, checkpointed, kept by early stopping and exported;
         # BackupAndRestore, before it, backs up the raw weights and the average as they are.
         *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []),
+        *([BatchNormForAverage(clean_training_images(cfg))] if cfg.ema and cfg.batch_norm else []),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=cfg.monitor, save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=cfg.monitor, patience=cfg.early_stopping_patience,
                                       restore_best_weights=True),
@@ -59,6 +90,11 @@ def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
     ]
+
+
+def clean_training_images(cfg: Config) -> tf.data.Dataset:
+    """Training images as served (no augmentation), without labels."""
+    return data.pipeline(data.load_split(cfg, "train"), cfg, training=False).map(lambda x, y: x)
 
 
 def seed_everything(cfg: Config) -> None:
