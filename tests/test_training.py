@@ -220,4 +220,5 @@ def test_with_ema_and_batch_norm_the_statistics_belong_to_the_averaged_weights(t
         np.testing.assert_allclose(mean, activations.mean(axis=(0, 1, 2)), rtol=1e-2, atol=2e-3)
         np.testing.assert_allclose(variance, activations.var(axis=(0, 1, 2)), rtol=0.05, atol=1e-4)
     saved = keras.models.load_model(Path(cfg.run_dir) / "best.keras")
-    np.testing.assert_allclose(saved.get_layer("conv1_bn").get_weights()[2], model.get_layer("conv1_bn").get_weights()[2])
+    np.testing.assert_allclose(saved.get_layer("conv1_bn").get_weights()[2],
+                               model.get_layer("conv1_bn").get_weights()[2])
