@@ -206,6 +206,11 @@ def test_an_unknown_strategy_is_refused():
         train.make_strategy(tiny_config(Path("/nonexistent"), "", strategy="tpu"))
 
 
+def test_an_unknown_monitor_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="--monitor must be one of val_loss, val_accuracy, not 'val_acc'"):
+        train.fit(tiny_config(tmp_path, "", monitor="val_acc"))
+
+
 def test_with_ema_and_batch_norm_the_statistics_belong_to_the_averaged_weights(tmp_path, data_dir):
     cfg = tiny_config(tmp_path, data_dir, train_subset=512, validation_size=128, epochs=2, batch_size=64,
                       ema=True, ema_momentum=0.99, batch_norm=True)

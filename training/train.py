@@ -42,15 +42,15 @@ def learning_rate_at(epoch: int, cfg: Config) -> float:
     return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def refresh_batch_norm(model: keras.Model, images: tf.data.Dataset, batches: int) -> None:
+def refresh_batch_norm(model: keras.Model, images: tf.data.Dataset) -> None:
     """Re-estimates every batch-norm layer's moving mean and variance for the weights the model holds now,
-    as the average of the statistics of `batches` batches of `images` (each batch's stats count equally)."""
+    as the average of the statistics of the batches of `images` (each batch's stats count equally)."""
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     if not norms:
         return
     momenta = [layer.momentum for layer in norms]
     try:
-        for k, batch in enumerate(images.take(batches)):
+        for k, batch in enumerate(images):
             for layer in norms:
                 layer.momentum = k / (k + 1)  # the first batch replaces the old statistics, the k-th weighs 1/k
             model(batch, training=True)
@@ -64,12 +64,12 @@ class BatchNormForAverage(keras.callbacks.Callback):
     those of the raw weights' activations. Placed after SwapEMAWeights, this re-estimates them for the
     averaged weights before each validation, so what is validated, checkpointed and exported agrees."""
 
-    def __init__(self, images: tf.data.Dataset, batches: int = 50):
+    def __init__(self, images: tf.data.Dataset):
         super().__init__()
-        self.images, self.batches = images, batches
+        self.images = images
 
     def on_test_begin(self, logs=None):
-        refresh_batch_norm(self.model, self.images, self.batches)
+        refresh_batch_norm(self.model, self.images)
 
 
 def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
@@ -92,9 +92,14 @@ def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
     ]
 
 
-def clean_training_images(cfg: Config) -> tf.data.Dataset:
-    """Training images as served (no augmentation), without labels."""
-    return data.pipeline(data.load_split(cfg, "train"), cfg, training=False).map(lambda x, y: x)
+BATCH_NORM_BATCHES = 50  # batches of clean training images that re-estimate the batch-norm statistics
+
+
+def clean_training_images(cfg: Config, batches: int = BATCH_NORM_BATCHES) -> tf.data.Dataset:
+    """The first `batches` batches of training images as served (no augmentation), without labels. Taken
+    before the pipeline's cache, so the cache holds just these and is read whole every time."""
+    images = data.load_split(cfg, "train").take(batches * cfg.batch_size)
+    return data.pipeline(images, cfg, training=False).map(lambda x, y: x)
 
 
 def seed_everything(cfg: Config) -> None:
@@ -104,6 +109,7 @@ def seed_everything(cfg: Config) -> None:
 
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+MONITORS = ("val_loss", "val_accuracy")
 
 
 def make_strategy(cfg: Config) -> tf.distribute.Strategy:
@@ -131,6 +137,8 @@ def is_chief() -> bool:
 
 
 def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> keras.Model:
+    if cfg.monitor not in MONITORS:  # a misspelt metric would only warn, and nothing would be checkpointed
+        raise ValueError(f"--monitor must be one of {', '.join(MONITORS)}, not {cfg.monitor!r}")
     seed_everything(cfg)
     strategy = make_strategy(cfg)
     train = data.pipeline(data.load_split(cfg, "train"), cfg, training=True)
