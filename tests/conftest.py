@@ -26,7 +26,7 @@ def tiny_config(workdir: Path, data_dir: str, **overrides) -> Config:
         data_dir=data_dir, train_subset=4000, test_subset=500, validation_size=1000,
         conv1_filters=8, conv2_filters=16, conv3_filters=16, fc1_units=64, fc2_units=32,
         dropout=0.1, augment=False, batch_norm=False, epochs=2, batch_size=64, learning_rate=3e-3,
-        warmup_epochs=0, ema=False,  # an average over ~100 steps would lag far behind a 2-epoch run
+        warmup_epochs=0, ema=False,  # the tests of the weight average turn it on
         export_dir=str(workdir / "models" / "mnist"), run_dir=str(workdir / "run"),
         reports_dir=str(workdir / "reports"), verbose=0,
     )
