@@ -156,3 +156,33 @@ def test_occlusion_erases_parallel_bars_from_every_digit_it_picks():
         assert erased.sum() == 28 * (rows.sum() + cols.sum())  # nothing erased but whole bars
         assert 0.1 <= erased.mean() <= 0.6
     np.testing.assert_array_equal(data.random_occlusion(tf.constant(images), 0.0, 5), images)
+
+
+def test_noise_augmentation_gives_noisy_digits_as_the_serving_graph_normalises_them(mnist_test_arrays):
+    images = mnist_test_arrays[0][:64].astype(np.float32) / 255.0
+    out = data.random_noise(tf.constant(images), probability=1.0, seed=11).numpy()
+    assert out.shape == images.shape and out.min() >= 0.0 and out.max() <= 1.0
+    assert all(not np.allclose(a, b) for a, b in zip(out, images))
+    # still the same digit in the same place ...
+    correlation = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(out, images)]
+    assert np.median(correlation) > 0.7, correlation
+    rows, cols = np.mgrid[:28, :28]
+
+    def centre(image):
+        return np.array([(image[:, :, 0] * rows).sum(), (image[:, :, 0] * cols).sum()]) / image.sum()
+
+    assert max(np.abs(centre(a) - centre(b)).max() for a, b in zip(out, images)) < 1.5
+    # ... and the noise cut to the ink's box: the 2-px frame stays black, as the graph leaves it
+    frame = np.ones((28, 28, 1), bool)
+    frame[2:-2, 2:-2] = False
+    assert (out[:, frame] == 0).mean() > 0.99
+    noisy_pixels = out[:, ~frame] != images[:, ~frame]
+    assert noisy_pixels.mean() > 0.05
+
+
+def test_noise_augmentation_picks_its_share_and_leaves_the_rest_untouched(mnist_test_arrays):
+    images = mnist_test_arrays[0][:64].astype(np.float32) / 255.0
+    out = data.random_noise(tf.constant(images), probability=0.5, seed=11).numpy()
+    untouched = [np.array_equal(a, b) for a, b in zip(out, images)]
+    assert 16 <= sum(untouched) <= 48
+    np.testing.assert_array_equal(data.random_noise(tf.constant(images), 0.0, 11), images)

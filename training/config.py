@@ -45,6 +45,9 @@ class Config:
     occlusion_probability: float = field(default=0.2, metadata={
         "help": "share of training digits with parallel bars erased out of them (what is left of a digit "
                 "behind bars or after the serving graph removes ruled lines)"})
+    noise_probability: float = field(default=0.0, metadata={
+        "help": "share of training digits given gaussian noise or salt and pepper, then normalised as the "
+                "serving graph does"})
 
     # Optimisation.
     epochs: int = 24

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from training import preprocessing
 from training.config import Config
 
 NAME, VERSION = "mnist", "3.0.1"
@@ -228,8 +229,34 @@ def random_occlusion(images: tf.Tensor, probability: float, seed: int) -> tf.Ten
     return tf.where(tf.logical_and(chosen, mask), tf.zeros_like(images), images)
 
 
+NOISE_SIGMAS = (0.05, 0.3)  # gaussian noise of this standard deviation (of the range) ...
+IMPULSE_FRACTIONS = (0.01, 0.08)  # ... or salt and pepper on this share of the pixels
+
+
+def random_noise(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
+    """Adds gaussian noise or salt and pepper (half each, random strength) to a share of the digits, rounds
+    them to 8 bits as a file holds them, and reads them back through the serving graph's normalisation
+    (`preprocessing.normalize`): what a noisy scan or photo looks like to the network, noise cut to the ink's
+    box by the graph. Clean MNIST digits always have ink, so the graph's "no ink" checks never fire here."""
+    if probability <= 0:
+        return images
+    chosen = tf.random.uniform([tf.shape(images)[0]], seed=seed) < probability
+    picked = tf.boolean_mask(images, chosen)
+    n, shape = tf.shape(picked)[0], tf.shape(picked)
+    sigma = tf.random.uniform([n, 1, 1, 1], *NOISE_SIGMAS, seed=seed + 1)
+    gaussian = picked + sigma * tf.random.normal(shape, seed=seed + 2)
+    fraction = tf.random.uniform([n, 1, 1, 1], *IMPULSE_FRACTIONS, seed=seed + 3)
+    salt = tf.cast(tf.random.uniform(shape, seed=seed + 4) < 0.5, tf.float32)
+    impulse = tf.where(tf.random.uniform(shape, seed=seed + 5) < fraction, salt, picked)
+    noisy = tf.where(tf.random.uniform([n, 1, 1, 1], seed=seed + 6) < 0.5, gaussian, impulse)
+    noisy = tf.round(tf.clip_by_value(noisy, 0.0, 1.0) * 255.0) / 255.0
+    normalised = tf.map_fn(preprocessing.normalize, noisy, fn_output_signature=tf.TensorSpec(
+        [preprocessing.IMAGE_SIZE, preprocessing.IMAGE_SIZE, 1], tf.float32))
+    return tf.tensor_scatter_nd_update(images, tf.where(chosen), normalised)
+
+
 def augmenter(cfg: Config):
-    """Random rotation, shear, shift, zoom, stroke width and occluding bars of a batch: the kinds of variation
+    """Noise, random rotation, shear, shift, zoom, stroke width and occluding bars of a batch: the kinds of variation
     handwriting and its photos have (no flips: a flipped digit is another symbol or none)."""
     import keras
 
@@ -242,6 +269,7 @@ def augmenter(cfg: Config):
     ], name="augment")
 
     def augment(images: tf.Tensor) -> tf.Tensor:
+        images = random_noise(images, cfg.noise_probability, cfg.seed + 6)  # first: on digits that have ink
         images = geometric(images, training=True)
         images = random_stroke_width(images, cfg.stroke_probability, cfg.seed + 4)
         return random_occlusion(images, cfg.occlusion_probability, cfg.seed + 5)
