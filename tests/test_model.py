@@ -60,14 +60,16 @@ def test_relu_everywhere_and_max_pooling_for_downsampling(batch_norm):
     assert not [layer for layer in model.layers if "pool" in layer.name and layer not in pools]
 
 
-def test_shapes_and_parameter_count(model):
-    cfg = Config()
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_shapes_and_parameter_count(batch_norm):
+    cfg = Config(batch_norm=batch_norm)
+    model = build_model(cfg)
     assert model.input_shape == (None, 28, 28, 1)
     assert model.output_shape == (None, 10)
     assert model.get_layer("conv3").output.shape[1:3] == (7, 7)
 
-    def conv(k, cin, cout):  # weights and biases
-        return k * k * cin * cout + cout
+    def conv(k, cin, cout):  # weights and biases, or weights and batch norm's scale, offset, mean, variance
+        return k * k * cin * cout + (4 * cout if batch_norm else cout)
 
     f1, f2, f3 = cfg.conv1_filters, cfg.conv2_filters, cfg.conv3_filters
     expected = (conv(cfg.conv1_kernel, 1, f1)

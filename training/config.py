@@ -30,12 +30,14 @@ class Config:
     fc1_units: int = 256
     fc2_units: int = 128
     dropout: float = field(default=0.15, metadata={"help": "dropout before fc1, fc2 and output"})
-    batch_norm: bool = field(default=False, metadata={"help": "batch normalisation after each convolution"})
+    batch_norm: bool = field(default=True, metadata={
+        "help": "batch normalisation after each convolution (with --ema its statistics are re-estimated for the "
+                "averaged weights)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "decoupled weight decay (AdamW)"})
 
     # Augmentation (training only).
     augment: bool = field(default=True, metadata={
-        "help": "random rotation, shear, shift, zoom, stroke width and occluding bars of training digits"})
+        "help": "noise, random rotation, shear, shift, zoom, stroke width and occluding bars of training digits"})
     rotation_degrees: float = 10.0
     shear_fraction: float = 0.15
     shift_fraction: float = 0.1
@@ -45,7 +47,7 @@ class Config:
     occlusion_probability: float = field(default=0.2, metadata={
         "help": "share of training digits with parallel bars erased out of them (what is left of a digit "
                 "behind bars or after the serving graph removes ruled lines)"})
-    noise_probability: float = field(default=0.0, metadata={
+    noise_probability: float = field(default=0.1, metadata={
         "help": "share of training digits given gaussian noise or salt and pepper, then normalised as the "
                 "serving graph does"})
 
