@@ -269,7 +269,8 @@ def augmenter(cfg: Config):
     ], name="augment")
 
     def augment(images: tf.Tensor) -> tf.Tensor:
-        images = random_noise(images, cfg.noise_probability, cfg.seed + 6)  # first: on digits that have ink
+        # first, on digits that have ink; op seeds +10 to +16, apart from the other steps' (+4 to +9)
+        images = random_noise(images, cfg.noise_probability, cfg.seed + 10)
         images = geometric(images, training=True)
         images = random_stroke_width(images, cfg.stroke_probability, cfg.seed + 4)
         return random_occlusion(images, cfg.occlusion_probability, cfg.seed + 5)
