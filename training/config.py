@@ -63,7 +63,8 @@ class Config:
                 "stops the run while the learning rate is still high)"})
     ema: bool = field(default=True, metadata={
         "help": "validate, checkpoint and export an exponential moving average of the weights"})
-    ema_momentum: float = 0.999
+    ema_momentum: float = field(default=0.999, metadata={
+        "help": "the weight average's momentum once warm; at step t it is min(this, (1 + t) / (10 + t))"})
 
     # Calibration.
     calibrate: bool = field(default=True, metadata={"help": "fit a softmax temperature on the validation split"})
