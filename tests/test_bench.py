@@ -65,3 +65,30 @@ def test_grpc_frame_is_length_prefixed():
     request = bench.predict_request(b"\x89PNG")
     frame = loadgen.grpc_frame(request)
     assert frame[0] == 0 and int.from_bytes(frame[1:5], "big") == len(frame) - 5 == request.ByteSize()
+
+
+def test_training_benchmark_times_pipeline_epochs_and_step_against_a_baseline(data_dir, tmp_path):
+    from bench import training as training_bench
+
+    out = tmp_path / "training.json"
+    tiny = ["--data-dir", data_dir, "--train-subset", "512", "--validation-size", "128", "--batch-size", "64",
+            "--conv1-filters", "4", "--conv2-filters", "4", "--conv3-filters", "4", "--fc1-units", "16",
+            "--fc2-units", "16", "--epochs", "2", "--steps", "4", "--verbose", "0"]
+    results = training_bench.main([*tiny, "--baseline", "HEAD", "--out", str(out)])
+    assert json.loads(out.read_text()) == results
+    for run in (results, results["baseline"]):
+        assert run["pipeline"]["images"] == 4 * 64 and run["pipeline"]["images_per_s"] > 0
+        assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+        assert all(e["seconds"] >= e["training_seconds"] > 0 and e["cpu_seconds"] > 0 for e in run["epochs"])
+        assert run["steady_epoch_seconds"] == run["epochs"][1]["seconds"]
+        assert run["train_step"]["images_per_s"] > 0 and run["config"]["train_subset"] == 512
+    assert len(results["baseline"]["commit"]) >= 7
+    assert results["steady_epoch_speedup"] == round(results["baseline"]["steady_epoch_seconds"]
+                                                    / results["steady_epoch_seconds"], 2)
+
+
+def test_training_benchmark_passes_its_own_options_only_to_itself():
+    from bench.training import without_options
+
+    argv = ["--epochs", "3", "--baseline", "466d904", "--out=x.json", "--data-dir", "d", "--steps", "5"]
+    assert without_options(argv, ("--baseline", "--out", "--data-dir")) == ["--epochs", "3", "--steps", "5"]
