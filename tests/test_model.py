@@ -6,6 +6,7 @@ import itertools
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from training.config import Config, add_flags, from_args
 from training.model import build_model
@@ -102,3 +103,62 @@ def test_learning_rate_warms_up_then_decays():
     assert rates[0] < rates[1] < rates[2] == pytest.approx(1e-3)
     assert all(a > b for a, b in itertools.pairwise(rates[2:]))
     assert rates[-1] < 0.05e-3
+
+
+def test_fused_batch_norm_trains_exactly_as_keras_batch_norm():
+    """The fused kernel is a speed-up, not another layer: outputs, gradients and moving statistics agree."""
+    from training.model import FusedBatchNormalization
+
+    x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, (16, 7, 7, 5)).astype(np.float32))
+    keras_bn, fused_bn = keras.layers.BatchNormalization(momentum=0.9), FusedBatchNormalization(momentum=0.9)
+    results = []
+    for layer in (keras_bn, fused_bn):
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 5).astype(np.float32))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 5).astype(np.float32))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.sin(y) * tf.range(1, 6, dtype=tf.float32))
+        results.append((y, *tape.gradient(loss, [x, layer.gamma.value, layer.beta.value]),
+                        layer.moving_mean.numpy(), layer.moving_variance.numpy(), layer(x, training=False)))
+    for expected, got in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+    assert not np.allclose(results[1][4], 0.0)  # the moving mean moved towards the batch's (about 2)
+
+
+def test_a_mixed_precision_model_computes_in_bfloat16_and_its_float32_twin_agrees():
+    from training.model import float32_copy
+
+    cfg = Config()
+    mixed = build_model(cfg, "mixed_bfloat16")
+    assert mixed.get_layer("conv2_1").compute_dtype == "bfloat16"
+    assert mixed.get_layer("conv2_1").kernel.dtype == "float32"  # the weights stay float32
+    assert mixed.get_layer("output").compute_dtype == "float32"  # and so does the softmax
+    twin = float32_copy(mixed, cfg)
+    assert all(layer.compute_dtype == "float32" for layer in twin.layers)
+    for a, b in zip(mixed.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32)
+    np.testing.assert_allclose(twin(x, training=False), mixed(x, training=False), atol=0.02)
+    assert float32_copy(twin, cfg) is twin  # a float32 model is exported as it is
+
+
+def test_auto_precision_follows_the_cpus_bfloat16_support(tmp_path):
+    from training.model import cpu_has_bfloat16, resolve_precision
+
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert cpu_has_bfloat16(with_bf16) and not cpu_has_bfloat16(without)
+    assert not cpu_has_bfloat16(tmp_path / "missing")
+    assert resolve_precision("float32") == "float32" and resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert resolve_precision("auto") == ("mixed_bfloat16" if cpu_has_bfloat16() else "float32")
+
+
+def test_precision_flag_accepts_only_its_choices():
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    assert from_args(parser.parse_args(["--precision", "float32"])).precision == "float32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--precision", "float16"])

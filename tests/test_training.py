@@ -242,7 +242,7 @@ def test_with_ema_and_batch_norm_the_statistics_belong_to_the_averaged_weights(t
     images = np.concatenate(list(train.clean_training_images(cfg).as_numpy_iterator()))
     for name in ("conv1_bn", "conv3_2_bn"):
         layer = model.get_layer(name)
-        activations = keras.Model(model.input, layer.input).predict(images, verbose=0)
+        activations = keras.Model(model.input, layer.input).predict(images, verbose=0).astype(np.float64)
         mean, variance = layer.get_weights()[2:]  # gamma, beta, moving mean, moving variance
         # what this image set gives through the weights the model holds, not the raw weights' running average
         # (deeper layers differ slightly: while re-estimating, the layers before them normalise by batch)
@@ -251,3 +251,47 @@ def test_with_ema_and_batch_norm_the_statistics_belong_to_the_averaged_weights(t
     saved = keras.models.load_model(Path(cfg.run_dir) / "best.keras")
     np.testing.assert_allclose(saved.get_layer("conv1_bn").get_weights()[2],
                                model.get_layer("conv1_bn").get_weights()[2])
+
+
+def _compiled_step(optimizer, variable):
+    return tf.function(lambda gradient: optimizer.apply([gradient], [variable]))
+
+
+def test_the_fused_adam_update_is_keras_adamw_arithmetic():
+    rng = np.random.default_rng(0)
+    initial = rng.normal(size=(5, 3)).astype(np.float32)
+    gradients = [tf.constant(rng.normal(size=(5, 3)).astype(np.float32)) for _ in range(30)]
+    weights = []
+    for optimizer_class in (keras.optimizers.AdamW, train.AdamWAverage):
+        variable = keras.Variable(initial.copy())
+        optimizer = optimizer_class(learning_rate=0.01, weight_decay=0.01)
+        optimizer.build([variable])
+        step = _compiled_step(optimizer, variable)
+        for gradient in gradients:
+            step(gradient)
+        weights.append(variable.numpy())
+    assert np.abs(weights[0] - initial).max() > 0.1
+    np.testing.assert_allclose(weights[1], weights[0], rtol=1e-5, atol=1e-5)
+
+
+def test_several_steps_per_call_still_take_every_batch_once(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path, data_dir, train_subset=512, validation_size=128, epochs=2, batch_size=64,
+                      steps_per_execution=3)  # 8 batches an epoch: calls of 3, 3 and 2
+    model = train.fit(cfg)
+    assert int(model.optimizer.iterations.numpy()) == 2 * 8
+    assert len(model.history.history["loss"]) == 2
+
+
+def test_a_mixed_precision_run_exports_a_float32_model(tmp_path, data_dir):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    cfg = tiny_config(tmp_path, data_dir, train_subset=2048, validation_size=128, test_subset=200, epochs=2,
+                      batch_size=64, precision="mixed_bfloat16", batch_norm=True, ema=True)
+    metrics = train.run(cfg)
+    assert metrics["config"]["precision"] == "mixed_bfloat16"
+    saved = saved_model_pb2.SavedModel.FromString((Path(metrics["export_path"]) / "saved_model.pb").read_bytes())
+    graph = saved.meta_graphs[0].graph_def
+    nodes = list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+    dtypes = {value.type for node in nodes for value in node.attr.values() if value.type}
+    assert tf.float32.as_datatype_enum in dtypes and tf.bfloat16.as_datatype_enum not in dtypes
+    assert metrics["test"]["accuracy"] > 0.8  # the twin carries the trained weights and statistics

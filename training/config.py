@@ -66,6 +66,16 @@ class Config:
     ema_momentum: float = field(default=0.999, metadata={
         "help": "the weight average's momentum once warm; at step t it is min(this, (1 + t) / (10 + t))"})
 
+    # Speed.
+    precision: str = field(default="auto", metadata={
+        "choices": ("auto", "mixed_bfloat16", "float32"),
+        "help": "compute precision of training: mixed_bfloat16 computes in bfloat16 on float32 weights; auto picks "
+                "it on CPUs with native bfloat16 (AVX512_BF16, AMX), else float32. The export is float32 either way"})
+
+    steps_per_execution: int = field(default=8, metadata={
+        "help": "train steps per call into TensorFlow: callbacks and the progress bar run between calls, so "
+                "fewer calls leave the CPUs less idle between steps"})
+
     # Calibration.
     calibrate: bool = field(default=True, metadata={"help": "fit a softmax temperature on the validation split"})
 
@@ -104,7 +114,8 @@ def add_flags(parser: argparse.ArgumentParser, defaults: Config | None = None) -
                                 help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            parser.add_argument(_flag(f.name), type=kind, default=default, help=help_text)
+            parser.add_argument(_flag(f.name), type=kind, default=default, help=help_text,
+                                choices=f.metadata.get("choices"))
 
 
 def from_args(args: argparse.Namespace) -> Config:

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from training import calibration, data, evaluate, export
 from training.config import Config, add_flags, from_args
-from training.model import build_model
+from training.model import build_model, float32_copy, resolve_precision
 
 
 def log(message: str) -> None:
@@ -78,6 +78,20 @@ class AdamWAverage(keras.optimizers.AdamW):
     momentum, 0.999, a run of a few dozen steps exported an average still near the random initial weights
     (12.6% in a one-epoch run); now the average spans about a tenth of the steps taken until it reaches
     ema_momentum's horizon (from step 9,000 at 0.999, epoch 21 of the default run)."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Adam's update of one variable as TensorFlow's fused kernel (ResourceApplyAdam), one op where Keras
+        runs about ten: the same arithmetic, lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon)."""
+        if self.amsgrad or not hasattr(variable, "handle"):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        index = self._get_variable_index(variable)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].handle, v=self._velocities[index].handle,
+            beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, dtype),
+            beta1=beta_1, beta2=beta_2, epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
 
     def _update_model_variables_moving_average(self, trainable_variables):
         if not self.use_ema:
@@ -171,6 +185,12 @@ def is_chief() -> bool:
     return task.get("type", "chief") == "chief" or (task.get("type") == "worker" and task.get("index", 0) == 0)
 
 
+def steps_per_execution(cfg: Config, strategy: tf.distribute.Strategy) -> int:
+    """cfg.steps_per_execution on one replica; 1 across replicas, where Keras 3.15's multi-step loop fails
+    ("You must feed a value for placeholder tensor" under MirroredStrategy)."""
+    return cfg.steps_per_execution if strategy.num_replicas_in_sync == 1 else 1
+
+
 def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> keras.Model:
     if cfg.monitor not in MONITORS:  # a misspelt metric would only warn, and nothing would be checkpointed
         raise ValueError(f"--monitor must be one of {', '.join(MONITORS)}, not {cfg.monitor!r}")
@@ -178,15 +198,17 @@ def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     strategy = make_strategy(cfg)
     train = data.pipeline(data.load_split(cfg, "train"), cfg, training=True)
     validation = data.pipeline(data.load_split(cfg, "validation"), cfg, training=False)
+    precision = resolve_precision(cfg.precision)
     with strategy.scope():
-        model = build_model(cfg)
+        model = build_model(cfg, precision)
         optimizer = AdamWAverage(cfg.learning_rate, weight_decay=cfg.weight_decay, use_ema=cfg.ema,
                                  ema_momentum=cfg.ema_momentum)
         model.compile(optimizer=optimizer,
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=steps_per_execution(cfg, strategy))
     log(f"model {model.name}: {model.count_params():,} parameters; training {cfg.epochs} epochs of "
         f"{data.split_names(cfg)['train']} at batch {cfg.batch_size} on {strategy.num_replicas_in_sync} "
-        f"replica(s) ({type(strategy).__name__})")
+        f"replica(s) ({type(strategy).__name__}), {precision}")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.fit(train, validation_data=validation, epochs=cfg.epochs, verbose=cfg.verbose,
@@ -220,6 +242,11 @@ def run(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     if not is_chief():
         log("trained; the chief evaluates and exports")
         return {}
+    if (exported := float32_copy(model, cfg)) is not model:
+        log("exporting the float32 twin of the mixed-precision model")
+        if cfg.ema and cfg.batch_norm:  # its batch-norm statistics measured in float32, as it will compute
+            refresh_batch_norm(exported, clean_training_images(cfg))
+        model = exported
 
     temperature, calibrated = calibrate(model, cfg)
     log("stage 3/4: staging the SavedModel and evaluating it on the test set, fed PNG bytes")
