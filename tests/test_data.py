@@ -186,3 +186,54 @@ def test_noise_augmentation_picks_its_share_and_leaves_the_rest_untouched(mnist_
     untouched = [np.array_equal(a, b) for a, b in zip(out, images)]
     assert 16 <= sum(untouched) <= 48
     np.testing.assert_array_equal(data.random_noise(tf.constant(images), 0.0, 11), images)
+
+
+def _centre_of_mass(images: np.ndarray) -> np.ndarray:
+    """[n, 28, 28, 1] -> [n, 2] (row, column) in pixels."""
+    rows, cols = np.mgrid[:28, :28]
+    ink = images[..., 0]
+    mass = ink.sum(axis=(1, 2))
+    return np.stack([(ink * rows).sum(axis=(1, 2)), (ink * cols).sum(axis=(1, 2))], axis=1) / mass[:, None]
+
+
+def _affine_only(**ranges) -> Config:
+    settings = dict(rotation_degrees=0.0, shear_fraction=0.0, shift_fraction=0.0, zoom_fraction=0.0)
+    settings.update(ranges)
+    return Config(**settings)
+
+
+def test_affine_augmentation_with_zero_ranges_leaves_digits_as_they_are(mnist_test_arrays):
+    images = tf.constant(mnist_test_arrays[0][:16].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(data.random_affine(images, _affine_only(), seed=20), images)
+
+
+def test_affine_augmentation_moves_digits_within_its_ranges(mnist_test_arrays):
+    images = mnist_test_arrays[0][:128].astype(np.float32) / 255.0
+    before = _centre_of_mass(images)
+    # a shift of up to 10% moves the ink by up to 2.8 px (a little more where the border cuts some off)
+    shifted = data.random_affine(tf.constant(images), _affine_only(shift_fraction=0.1), seed=20).numpy()
+    moved = np.abs(_centre_of_mass(shifted) - before).max(axis=1)
+    assert moved.max() < 3.2 and np.median(moved) > 0.8
+    # rotation and zoom about the centre keep the ink where it was, give or take a pixel, and its amount
+    # changes with the zoom's area (90% to 110% a side)
+    turned = data.random_affine(tf.constant(images), _affine_only(rotation_degrees=10, zoom_fraction=0.1),
+                                seed=20).numpy()
+    assert np.abs(_centre_of_mass(turned) - before).max() < 1.5
+    area = turned.sum(axis=(1, 2, 3)) / images.sum(axis=(1, 2, 3))
+    assert 0.75 < area.min() and area.max() < 1.3 and area.std() > 0.03
+    assert np.mean([not np.allclose(a, b, atol=0.05) for a, b in zip(turned, images)]) > 0.9
+
+
+def test_affine_augmentation_is_one_resampling_that_a_seed_repeats(mnist_test_arrays):
+    images = tf.constant(mnist_test_arrays[0][:32].astype(np.float32) / 255.0)
+    cfg = Config()
+
+    def transformed(seed: int) -> tf.Tensor:
+        tf.random.set_seed(cfg.seed)  # as training.train seeds every run
+        return data.random_affine(images, cfg, seed)
+
+    first = transformed(20)
+    np.testing.assert_array_equal(first, transformed(20))
+    assert not np.array_equal(first, transformed(21))
+    # the digit's sharpness survives: one bilinear resampling, not four in a row
+    assert float(tf.reduce_max(first)) > 0.95
