@@ -205,3 +205,25 @@ def test_a_stroke_from_edge_to_edge_is_kept_when_it_is_all_there_is():
     one[:, 12:16] = 255  # a tightly cropped "1": a line from edge to edge, but the only ink
     out = run(encode(one, "PNG"))[0]
     assert _box(out)[0] == 20 and out.max() == pytest.approx(1.0)
+
+
+def test_a_batch_is_normalised_exactly_as_each_of_its_images_alone(mnist_test_arrays):
+    """The noise augmentation normalises batches; serving one image at a time: the two must not differ, also
+    when some images of the batch are inverted, ruled, barred or noisy and others are not."""
+    images = mnist_test_arrays[0][:12, :, :, 0].copy()
+    images[1] = 255 - images[1]  # black on white
+    images[0, np.arange(28) % 7 < 2] = 51  # bars across: only this one has lines to remove
+    images[3, :, np.arange(28) % 9 < 1] = np.maximum(images[3, :, np.arange(28) % 9 < 1], 90)
+    images[4] = np.clip(images[4] + np.random.default_rng(0).normal(0, 51, (28, 28)), 0, 255)
+    images[5] = images[5] // 3 + 60  # faint on grey
+    grey = tf.constant(images[..., None].astype(np.float32) / 255.0)
+    batch = preprocessing.normalize_batch(grey).numpy()
+    alone = np.stack([preprocessing.normalize(image).numpy() for image in grey])
+    np.testing.assert_array_equal(batch, alone)
+    assert (batch[0, :, :, 0] > preprocessing.INK_THRESHOLD).mean(axis=1).max() < 0.6  # its bars were removed
+
+
+def test_a_blank_image_in_a_batch_fails_the_batch_with_the_same_message():
+    grey = tf.constant(np.zeros((2, 28, 28, 1), np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="no ink found"):
+        preprocessing.normalize_batch(grey)

@@ -203,10 +203,12 @@ def random_stroke_width(images: tf.Tensor, probability: float, seed: int) -> tf.
     """Draws a share of the digits with strokes one pixel thicker (3x3 dilation) or thinner (erosion)."""
     if probability <= 0:
         return images
-    thicker = tf.nn.max_pool2d(images, 3, 1, "SAME")
-    thinner = -tf.nn.max_pool2d(-images, 3, 1, "SAME")
-    u = tf.random.uniform([tf.shape(images)[0], 1, 1, 1], seed=seed)
-    return tf.where(u < probability / 2, thicker, tf.where(u < probability, thinner, images))
+    u = tf.random.uniform([tf.shape(images)[0]], seed=seed)
+    picked = tf.where(u < probability)  # only these are pooled
+    chosen, thicken = tf.gather_nd(images, picked), tf.gather_nd(u, picked) < probability / 2
+    changed = tf.where(thicken[:, None, None, None], tf.nn.max_pool2d(chosen, 3, 1, "SAME"),
+                       -tf.nn.max_pool2d(-chosen, 3, 1, "SAME"))
+    return tf.tensor_scatter_nd_update(images, picked, changed)
 
 
 OCCLUSION_PERIODS = (5, 10)  # bars every 5-9 px ...
@@ -237,7 +239,7 @@ IMPULSE_FRACTIONS = (0.01, 0.08)  # ... or salt and pepper on this share of the 
 def random_noise(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
     """Adds gaussian noise or salt and pepper (half each, random strength) to a share of the digits, rounds
     them to 8 bits as a file holds them, and reads them back through the serving graph's normalisation
-    (`preprocessing.normalize`): what a noisy scan or photo looks like to the network, noise cut to the ink's
+    (`preprocessing.normalize_batch`): what a noisy scan or photo looks like to the network, noise cut to the ink's
     box by the graph. Clean MNIST digits always have ink, so the graph's "no ink" checks never fire here."""
     if probability <= 0:
         return images
@@ -251,8 +253,7 @@ def random_noise(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
     impulse = tf.where(tf.random.uniform(shape, seed=seed + 5) < fraction, salt, picked)
     noisy = tf.where(tf.random.uniform([n, 1, 1, 1], seed=seed + 6) < 0.5, gaussian, impulse)
     noisy = tf.round(tf.clip_by_value(noisy, 0.0, 1.0) * 255.0) / 255.0
-    normalised = tf.map_fn(preprocessing.normalize, noisy, fn_output_signature=tf.TensorSpec(
-        [preprocessing.IMAGE_SIZE, preprocessing.IMAGE_SIZE, 1], tf.float32))
+    normalised = preprocessing.normalize_batch(noisy)
     return tf.tensor_scatter_nd_update(images, tf.where(chosen), normalised)
 
 

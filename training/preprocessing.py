@@ -122,96 +122,113 @@ def to_grey(rgba: tf.Tensor) -> tf.Tensor:
     return grey * alpha + background * (1.0 - alpha)
 
 
+# The steps below work on a batch of images of one size, [n, h, w, 1]: the serving graph runs them on one image
+# at a time (n = 1, each file has its own size), training on a batch of noisy 28x28 digits (training.data).
+# Decisions that skip work (line removal) are taken for the batch, so a single image pays only for its own.
+
+def _per_image(x: tf.Tensor) -> tf.Tensor:
+    """[n] -> [n, 1, 1, 1], to broadcast a per-image value over images."""
+    return x[:, None, None, None]
+
+
 def _median(x: tf.Tensor) -> tf.Tensor:
-    values = tf.sort(tf.reshape(x, [-1]))
-    return values[tf.size(values) // 2]
+    """[n, k] -> [n]: the upper median of each row."""
+    return tf.sort(x, axis=-1)[:, tf.shape(x)[1] // 2]
 
 
 def _border(grey: tf.Tensor) -> tf.Tensor:
-    return tf.concat([grey[0, :, 0], grey[-1, :, 0], grey[:, 0, 0], grey[:, -1, 0]], axis=0)
+    """[n, h, w, 1] -> [n, 2 (h + w)]: the pixels along the edges."""
+    return tf.concat([grey[:, 0, :, 0], grey[:, -1, :, 0], grey[:, :, 0, 0], grey[:, :, -1, 0]], axis=1)
 
 
 def to_mnist_polarity(grey: tf.Tensor) -> tf.Tensor:
     """White digit on black: inverts images whose border is mostly light (the median resists a stroke
     that touches the edge)."""
-    return tf.cond(_median(_border(grey)) > 0.5, lambda: 1.0 - grey, lambda: grey)
+    return tf.where(_per_image(_median(_border(grey)) > 0.5), 1.0 - grey, grey)
 
 
 def stretch_contrast(grey: tf.Tensor) -> tf.Tensor:
     """Background (the border's median) to 0, the brightest ink to 1: grey paper, faint pencil and dim
     photos come out like MNIST's black and white. An image without enough contrast has no ink to read."""
     background = _median(_border(grey))
-    contrast = tf.reduce_max(grey) - background
+    contrast = tf.reduce_max(grey, axis=[1, 2, 3]) - background
+    lowest = tf.reduce_min(contrast)
     message = tf.strings.format("no ink found: the image is blank or its contrast ({}) is below {}",
-                                (contrast, MIN_CONTRAST))
-    with tf.control_dependencies([tf.debugging.Assert(contrast >= MIN_CONTRAST, [message])]):
-        return tf.clip_by_value((grey - background) / tf.maximum(contrast, MIN_CONTRAST), 0.0, 1.0)
+                                (lowest, MIN_CONTRAST))
+    with tf.control_dependencies([tf.debugging.Assert(lowest >= MIN_CONTRAST, [message])]):
+        stretched = (grey - _per_image(background)) / _per_image(tf.maximum(contrast, MIN_CONTRAST))
+        return tf.clip_by_value(stretched, 0.0, 1.0)
 
 
 def _lines_removed(ink: tf.Tensor, axis: int) -> tf.Tensor:
-    """ink [h, w] without the lines along `axis` (1: rows, 0: columns) that span the image, when there are
-    at least MIN_LINES of them: ruled paper and bars come in numbers, while a single stroke from edge to
-    edge is more likely part of a tightly cropped digit (the bar of a 7). A line's own level (its median)
+    """ink [n, h, w] without the lines along `axis` (2: rows, 1: columns) that span the image, in the images
+    that have at least MIN_LINES of them: ruled paper and bars come in numbers, while a single stroke from edge
+    to edge is more likely part of a tightly cropped digit (the bar of a 7). A line's own level (its median)
     is taken off it, so the line goes and darker strokes crossing it stay."""
-    cover = tf.reduce_mean(tf.cast(ink > INK_THRESHOLD, tf.float32), axis=axis)
+    cover = tf.reduce_mean(tf.cast(ink > INK_THRESHOLD, tf.float32), axis=axis)  # [n, lines]
     is_line = cover >= LINE_COVER
-    starts = tf.logical_and(is_line, tf.logical_not(tf.pad(is_line[:-1], [[1, 0]])))
+    starts = tf.logical_and(is_line, tf.logical_not(tf.pad(is_line[:, :-1], [[0, 0], [1, 0]])))
+    ruled = tf.reduce_sum(tf.cast(starts, tf.int32), axis=1) >= MIN_LINES  # [n]
 
-    def remove() -> tf.Tensor:  # the sort for the medians only runs for images that have lines
+    def remove() -> tf.Tensor:  # the sort for the medians only runs when some image has lines
         level = tf.expand_dims(tf.gather(tf.sort(ink, axis=axis), tf.shape(ink)[axis] // 2, axis=axis), axis)
-        return tf.where(tf.expand_dims(is_line, axis), tf.maximum(ink - level, 0.0), ink)
+        removed = tf.where(tf.expand_dims(is_line, axis), tf.maximum(ink - level, 0.0), ink)
+        return tf.where(ruled[:, None, None], removed, ink)
 
-    return tf.cond(tf.reduce_sum(tf.cast(starts, tf.int32)) >= MIN_LINES, remove, lambda: ink)
+    return tf.cond(tf.reduce_any(ruled), remove, lambda: ink)
 
 
 def remove_lines(ink: tf.Tensor) -> tf.Tensor:
-    """[h, w, 1] -> the same without thin lines that run across the whole image: ruled or squared paper, a
+    """[n, h, w, 1] -> the same without thin lines that run across the whole image: ruled or squared paper, a
     form's box, occluding bars. What a digit occluded by bars keeps is read as a digit with gaps (training
     augments with such gaps: `training.data.random_occlusion`). If nothing but lines is there, the image
     is left as it was, so "no ink" is not claimed for an image made of strokes."""
-    cleaned = _lines_removed(_lines_removed(ink[:, :, 0], axis=1), axis=0)[:, :, None]
-    return tf.where(tf.reduce_max(cleaned) > INK_THRESHOLD, cleaned, ink)
+    cleaned = _lines_removed(_lines_removed(ink[..., 0], axis=2), axis=1)[..., None]
+    return tf.where(_per_image(tf.reduce_max(cleaned, axis=[1, 2, 3]) > INK_THRESHOLD), cleaned, ink)
 
 
-def _any_along(mask: tf.Tensor, axis: int) -> tf.Tensor:
-    return tf.cast(tf.where(tf.reduce_any(mask, axis=axis))[:, 0], tf.int32)
+def _first_and_last(along: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """along [n, k] bool -> the first and last index where it is true, each [n] (0 and k - 1 if nowhere)."""
+    k = tf.shape(along)[1]
+    first = tf.argmax(tf.cast(along, tf.int32), axis=1, output_type=tf.int32)
+    last = k - 1 - tf.argmax(tf.cast(along[:, ::-1], tf.int32), axis=1, output_type=tf.int32)
+    return first, last
 
 
 def _near(mask: tf.Tensor, margin: int) -> tf.Tensor:
-    """[h, w] bool: within `margin` pixels of the bounding box of `mask` (everywhere if it is empty)."""
-    def within(along: tf.Tensor) -> tf.Tensor:  # along: [n] bool, some pixel of the line is in the mask
-        n = tf.size(along)
-        first = tf.argmax(tf.cast(along, tf.int32), output_type=tf.int32)
-        last = n - 1 - tf.argmax(tf.cast(along[::-1], tf.int32), output_type=tf.int32)
-        positions = tf.range(n)
-        inside = tf.logical_and(positions >= first - margin, positions <= last + margin)
-        return tf.logical_or(inside, tf.logical_not(tf.reduce_any(along)))
-    return tf.logical_and(within(tf.reduce_any(mask, axis=1))[:, None], within(tf.reduce_any(mask, axis=0))[None, :])
+    """[n, h, w] bool: within `margin` pixels of the bounding box of `mask` (everywhere if it is empty)."""
+    def within(along: tf.Tensor) -> tf.Tensor:  # along: [n, k] bool, some pixel of the line is in the mask
+        first, last = _first_and_last(along)
+        positions = tf.range(tf.shape(along)[1])[None, :]
+        inside = tf.logical_and(positions >= first[:, None] - margin, positions <= last[:, None] + margin)
+        return tf.logical_or(inside, tf.logical_not(tf.reduce_any(along, axis=1, keepdims=True)))
+    return tf.logical_and(within(tf.reduce_any(mask, axis=2))[:, :, None],
+                          within(tf.reduce_any(mask, axis=1))[:, None, :])
 
 
 def ink_box(ink: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(top, left, height, width) of the ink. Specks and noise do not widen it: ink counts when at least
-    MIN_NEIGHBOURHOOD of its 3x3 neighbourhood are ink (no lone specks), and only within BOX_MARGIN pixels
-    of the box of the solid ink, where the 3x3 mean reaches SOLID_INK (noisy paper is inked all over,
-    but not solidly). On clean digits the margin holds the faint tips of strokes: MNIST's boxes stay."""
-    inked = ink[:, :, 0] > INK_THRESHOLD
+    """(top, left, height, width) of the ink of each image, each [n]. Specks and noise do not widen it: ink
+    counts when at least MIN_NEIGHBOURHOOD of its 3x3 neighbourhood are ink (no lone specks), and only within
+    BOX_MARGIN pixels of the box of the solid ink, where the 3x3 mean reaches SOLID_INK (noisy paper is inked
+    all over, but not solidly). On clean digits the margin holds the faint tips of strokes: MNIST's boxes stay."""
+    inked = ink[..., 0] > INK_THRESHOLD
     # one pooling for both 3x3 means: the share of inked pixels and the mean ink
-    means = tf.nn.avg_pool2d(tf.stack([tf.cast(inked, tf.float32), ink[:, :, 0]], axis=-1)[None], 3, 1, "SAME")[0]
-    mask = tf.logical_and(inked, means[:, :, 0] * 9.0 >= MIN_NEIGHBOURHOOD)
-    solid = tf.logical_and(inked, means[:, :, 1] >= SOLID_INK)
+    means = tf.nn.avg_pool2d(tf.stack([tf.cast(inked, tf.float32), ink[..., 0]], axis=-1), 3, 1, "SAME")
+    mask = tf.logical_and(inked, means[..., 0] * 9.0 >= MIN_NEIGHBOURHOOD)
+    solid = tf.logical_and(inked, means[..., 1] >= SOLID_INK)
     near = tf.logical_and(mask, _near(solid, BOX_MARGIN))
-    mask = tf.where(tf.reduce_any(near), near, mask)
-    rows, cols = _any_along(mask, 1), _any_along(mask, 0)
-    found = tf.logical_and(tf.size(rows) > 0, tf.size(cols) > 0)
+    mask = tf.where(tf.reduce_any(near, axis=[1, 2])[:, None, None], near, mask)
+    rows, cols = tf.reduce_any(mask, axis=2), tf.reduce_any(mask, axis=1)
+    found = tf.reduce_all(tf.logical_and(tf.reduce_any(rows, axis=1), tf.reduce_any(cols, axis=1)))
     with tf.control_dependencies([tf.debugging.Assert(found, ["no ink found: nothing stands out of the image"])]):
-        top, left = tf.identity(rows[0]), tf.identity(cols[0])
-    return top, left, rows[-1] + 1 - top, cols[-1] + 1 - left
+        (top, bottom), (left, right) = _first_and_last(rows), _first_and_last(cols)
+        return tf.identity(top), tf.identity(left), bottom + 1 - top, right + 1 - left
 
 
-def fit_and_centre(ink: tf.Tensor) -> tf.Tensor:
-    """As MNIST was made: the ink's bounding box scaled to fit DIGIT_BOX x DIGIT_BOX keeping its aspect
-    ratio, then placed in IMAGE_SIZE x IMAGE_SIZE with its centre of mass at the centre."""
-    top, left, height, width = ink_box(ink)
+def fit_and_centre(ink: tf.Tensor, top: tf.Tensor, left: tf.Tensor, height: tf.Tensor,
+                   width: tf.Tensor) -> tf.Tensor:
+    """One image [h, w, 1] and its ink box, as MNIST was made: the box scaled to fit DIGIT_BOX x DIGIT_BOX
+    keeping its aspect ratio, then placed in IMAGE_SIZE x IMAGE_SIZE with its centre of mass at the centre."""
     crop = ink[top:top + height, left:left + width]
     scale = DIGIT_BOX / tf.cast(tf.maximum(height, width), tf.float32)
     size = tf.maximum(1, tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32) * scale), tf.int32))
@@ -225,13 +242,27 @@ def fit_and_centre(ink: tf.Tensor) -> tf.Tensor:
     half = IMAGE_SIZE / 2 + 0.5  # MNIST's centres of mass sit at pixel index 14 (14.5 counting pixel centres)
     offset_y = tf.clip_by_value(tf.cast(tf.round(half - centre_y), tf.int32), 0, IMAGE_SIZE - size[0])
     offset_x = tf.clip_by_value(tf.cast(tf.round(half - centre_x), tf.int32), 0, IMAGE_SIZE - size[1])
-    return tf.image.pad_to_bounding_box(digit, offset_y, offset_x, IMAGE_SIZE, IMAGE_SIZE)
+    return tf.ensure_shape(tf.image.pad_to_bounding_box(digit, offset_y, offset_x, IMAGE_SIZE, IMAGE_SIZE),
+                           [IMAGE_SIZE, IMAGE_SIZE, 1])
+
+
+def _ink(grey: tf.Tensor) -> tf.Tensor:
+    """[n, h, w, 1] grey, any polarity -> white ink on black, stretched, lines removed."""
+    return remove_lines(stretch_contrast(to_mnist_polarity(grey)))
 
 
 def normalize(grey: tf.Tensor) -> tf.Tensor:
     """Grey [h, w, 1] in [0, 1], any polarity and size -> an MNIST-like [28, 28, 1] white digit on black."""
-    ink = remove_lines(stretch_contrast(to_mnist_polarity(grey)))
-    return tf.ensure_shape(fit_and_centre(ink), [IMAGE_SIZE, IMAGE_SIZE, 1])
+    ink = _ink(grey[None])
+    return fit_and_centre(ink[0], *(value[0] for value in ink_box(ink)))
+
+
+def normalize_batch(grey: tf.Tensor) -> tf.Tensor:
+    """normalize() for a batch of images of one size, [n, h, w, 1] -> [n, 28, 28, 1]: the same steps on the
+    whole batch, and only the crop, resize and centring one image at a time (each box has its own size)."""
+    ink = _ink(grey)
+    return tf.map_fn(lambda args: fit_and_centre(*args), (ink, *ink_box(ink)),
+                     fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32))
 
 
 def decode_and_normalize(image_bytes: tf.Tensor) -> tf.Tensor:
