@@ -26,19 +26,24 @@ NUM_CLASSES = 10
 
 @keras.saving.register_keras_serializable(package="mnist")
 class FusedBatchNormalization(layers.BatchNormalization):
-    """Keras's batch normalisation whose training pass is TensorFlow's fused kernel: one op forward and one
-    backward where Keras 3 composes moments, normalisation and their gradients from a dozen element-wise
-    ops (bench.training: the whole train step ran 1.5x faster). The moving statistics follow Keras's rule
-    (biased batch variance), and inference is Keras's own arithmetic, so the export does not change."""
+    """Keras's batch normalisation computed by TensorFlow's fused kernel (FusedBatchNormV3, a standard op
+    that TF Serving runs): one op forward and one backward where Keras 3 composes moments, normalisation and
+    their gradients from a dozen element-wise ops (bench.training: the whole train step ran 1.5x faster).
+    The moving statistics follow Keras's rule (biased batch variance); weights and saved files are Keras's."""
 
     def call(self, inputs, training=None, mask=None):
         fusable = inputs.shape.rank == 4 and self.axis in (-1, 3) and mask is None and not self.renorm
-        if not (training and self.trainable and fusable):
+        if not fusable:
             return super().call(inputs, training=training, mask=mask)
         x = inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, tf.float32)
         channels = tf.shape(x)[-1]
         scale = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels], tf.float32)
         offset = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels], tf.float32)
+        if not (training and self.trainable):
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x, scale, offset, mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon, is_training=False)
+            return tf.cast(y, self.compute_dtype)
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, scale, offset, epsilon=self.epsilon,
                                                              is_training=True)
         n = tf.cast(tf.size(x) // channels, tf.float32)
