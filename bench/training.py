@@ -13,7 +13,10 @@
 Each figure carries the machine's 1-minute load average when it was taken: a figure taken beside other work
 is not this code's speed. Throughput is training images over seconds; an epoch's seconds include its
 validation and callbacks. The first epoch also traces the functions and fills the cache, so the steady
-epoch is the median of the others.
+epoch is the median of the others. Each epoch also reports its CPU seconds and its longest call into the
+train step: a call of seconds means the machine stopped running this process (seen here: 7-20 s pauses on
+a shared VM), and the CPU seconds, which such pauses do not inflate, show whether the code or the machine
+changed.
 
 `--baseline REV` first runs this same file against a checkout of an earlier commit (a temporary git
 worktree, with the same data and flags), so both sets of figures come from one run on one machine.
@@ -91,7 +94,8 @@ class EpochTimer(keras.callbacks.Callback):
                             "images_per_s": round(self.images / seconds),
                             "longest_call_s": round(max(gaps), 3) if gaps else None,
                             "load_average": load_average()})
-        log(f"epoch {epoch + 1}: {seconds:.1f} s ({self.epochs[-1]['training_seconds']} s training), "
+        log(f"epoch {epoch + 1}: {seconds:.1f} s ({self.epochs[-1]['training_seconds']} s training, longest call "
+            f"{self.epochs[-1]['longest_call_s']} s, {self.epochs[-1]['cpu_seconds']} s of CPU), "
             f"load average {load_average()}")
 
 
@@ -133,8 +137,9 @@ def measure(cfg: Config, steps: int) -> dict[str, Any]:
     timer = EpochTimer(train_images)
     model = train.fit(cfg, [timer])
     results["epochs"] = timer.epochs
-    steady = [e["seconds"] for e in timer.epochs[1:]] or [e["seconds"] for e in timer.epochs]
-    results["steady_epoch_seconds"] = round(statistics.median(steady), 2)
+    steady = timer.epochs[1:] or timer.epochs
+    results["steady_epoch_seconds"] = round(statistics.median(e["seconds"] for e in steady), 2)
+    results["steady_epoch_cpu_seconds"] = round(statistics.median(e["cpu_seconds"] for e in steady), 1)
     log("train step alone on batches cached in memory")
     results["train_step"] = train_step_rate(model, cfg, steps)
     log(f"train step: {results['train_step']['images_per_s']:,} images/s")
@@ -194,9 +199,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = measure(replace(cfg, run_dir=str(Path(tmp) / "run")), args.steps)
     if baseline:
         results["baseline"] = baseline
-        results["steady_epoch_speedup"] = round(baseline["steady_epoch_seconds"] / results["steady_epoch_seconds"], 2)
+        for key in ("steady_epoch_seconds", "steady_epoch_cpu_seconds"):
+            results[key.replace("seconds", "speedup")] = round(baseline[key] / results[key], 2)
         log(f"steady epoch: {results['steady_epoch_seconds']} s, baseline {baseline['commit']} "
-            f"{baseline['steady_epoch_seconds']} s: {results['steady_epoch_speedup']}x")
+            f"{baseline['steady_epoch_seconds']} s: {results['steady_epoch_speedup']}x; CPU seconds "
+            f"{results['steady_epoch_cpu_seconds']} against {baseline['steady_epoch_cpu_seconds']}: "
+            f"{results['steady_epoch_cpu_speedup']}x")
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -85,6 +85,8 @@ def test_training_benchmark_times_pipeline_epochs_and_step_against_a_baseline(da
     assert len(results["baseline"]["commit"]) >= 7
     assert results["steady_epoch_speedup"] == round(results["baseline"]["steady_epoch_seconds"]
                                                     / results["steady_epoch_seconds"], 2)
+    assert results["steady_epoch_cpu_speedup"] == round(results["baseline"]["steady_epoch_cpu_seconds"]
+                                                        / results["steady_epoch_cpu_seconds"], 2)
 
 
 def test_training_benchmark_passes_its_own_options_only_to_itself():
