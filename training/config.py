@@ -11,6 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+MONITORS = ("val_loss", "val_accuracy")
+PRECISIONS = ("auto", "mixed_bfloat16", "float32")
+
 
 @dataclass
 class Config:
@@ -56,11 +59,10 @@ class Config:
     batch_size: int = 128
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup_epochs: int = field(default=1, metadata={"help": "linear warm-up before the cosine decay"})
-    early_stopping_patience: int = 5
     monitor: str = field(default="val_loss", metadata={
-        "help": "validation metric that picks the epoch kept by the checkpoint and early stopping: val_loss "
-                "(smooth, so a decaying schedule runs to its end) or val_accuracy (steps of 1/5,000: a plateau "
-                "stops the run while the learning rate is still high)"})
+        "choices": MONITORS,
+        "help": "validation metric that picks the epoch saved as best.keras, a record of the run: what is "
+                "exported is the model at the end of the schedule, whatever the validation noise"})
     ema: bool = field(default=True, metadata={
         "help": "validate, checkpoint and export an exponential moving average of the weights"})
     ema_momentum: float = field(default=0.999, metadata={
@@ -68,7 +70,7 @@ class Config:
 
     # Speed.
     precision: str = field(default="auto", metadata={
-        "choices": ("auto", "mixed_bfloat16", "float32"),
+        "choices": PRECISIONS,
         "help": "compute precision of training: mixed_bfloat16 computes in bfloat16 on float32 weights; auto picks "
                 "it on CPUs with native bfloat16 (AVX512_BF16, AMX), else float32. The export is float32 either way"})
 

@@ -28,8 +28,8 @@ def render(metrics: dict[str, Any], version: int, model_name: str = "mnist") -> 
         calibration_text = (f"temperature {calibration['temperature']:.3f} fitted on the validation split; "
                             f"test ECE (15 bins) {_percent(after.get('ece_before'))} before, "
                             f"{_percent(after.get('ece_after'))} after")
-    augmentation = ("random rotation, shear, shift, zoom, stroke width and occluding bars" if cfg.get("augment")
-                    else "none")
+    augmentation = ("gaussian or salt-and-pepper noise read back through the serving graph, random rotation, "
+                    "shear, shift, zoom, stroke width and occluding bars" if cfg.get("augment") else "none")
     subset = f"the first {_count(cfg['train_subset'])}" if cfg.get("train_subset") else "all"
     return f"""# Model card: {model_name}, version {version}
 
@@ -50,9 +50,11 @@ Network: conv1 ({cfg.get("conv1_filters")} filters) -> conv2_1 | conv2_2 ({cfg.g
 ## Data
 
 MNIST through tensorflow-datasets (`mnist` 3.0.1): {subset} of the 60,000 training images less the last
-{_count(cfg.get("validation_size"))} held out for validation (early stopping, checkpoints, calibration); the
+{_count(cfg.get("validation_size"))} held out for validation (monitoring, calibration); the
 10,000 test images only for the figures below. Augmentation: {augmentation}.
-{cfg.get("epochs")} epochs at most, batch {cfg.get("batch_size")}, seed {cfg.get("seed")}.
+{cfg.get("epochs")} epochs, batch {cfg.get("batch_size")}, seed {cfg.get("seed")}, batch norm {cfg.get("batch_norm")},
+weight average {cfg.get("ema")}, trained in {metrics.get("training_precision", "float32")}; the export computes in \
+float32.
 
 ## Figures (test set, each image sent as PNG bytes through the serving signature)
 
