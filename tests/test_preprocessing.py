@@ -136,6 +136,24 @@ def test_faint_pencil_on_grey_paper_is_stretched_to_black_and_white(digit):
     assert out.max() == pytest.approx(1.0) and _mnist_like(out, expected) < 0.05
 
 
+@pytest.mark.parametrize("background", [100, 128, 160])
+def test_white_chalk_on_a_grey_board_is_read_as_it_is_whichever_side_of_mid_grey(digit, background):
+    """MNIST-C's brightness (a background of 128 under white ink) was inverted into "no ink" when polarity
+    was decided against mid-grey."""
+    image, expected = digit
+    board = np.maximum(image, background).astype(np.uint8)  # white ink on a grey board: faint edges lost
+    out = run(encode(board, "PNG"))[0]
+    assert _mnist_like(out, expected) < 0.06 and np.corrcoef(out.ravel(), expected.ravel())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("paper", [90, 128, 200])
+def test_dark_pencil_on_grey_paper_is_inverted_whichever_side_of_mid_grey(digit, paper):
+    image, expected = digit
+    sheet = (paper - image.astype(np.float32) * (paper - 20) / 255).astype(np.uint8)  # ink darker than paper
+    out = run(encode(sheet, "PNG"))[0]
+    assert _mnist_like(out, expected) < 0.02
+
+
 def test_a_speck_of_noise_does_not_move_or_shrink_the_digit(digit):
     image, _ = digit
     page = np.full((120, 120), 255, np.uint8)

@@ -12,7 +12,8 @@ and serving cannot drift apart. Steps for one image:
    never exists as floats;
 4. grey, with luma weights that sum to one, so a grey PNG keeps its exact values;
 5. transparency composited onto a background that contrasts with the opaque ink;
-6. polarity: MNIST is a white digit on black; an image whose border is mostly light is inverted;
+6. polarity: MNIST is a white digit on black; an image whose border is nearer its brightest pixel than its
+   darkest (dark ink on lighter paper) is inverted;
 7. contrast: the background (the border's median) becomes 0 and the brightest ink 1; an image without
    enough contrast is refused as blank ("no ink found"), rather than answered with a confident guess;
 8. lines: rows or columns inked across the whole image, when there are two or more (ruled or squared
@@ -142,9 +143,14 @@ def _border(grey: tf.Tensor) -> tf.Tensor:
 
 
 def to_mnist_polarity(grey: tf.Tensor) -> tf.Tensor:
-    """White digit on black: inverts images whose border is mostly light (the median resists a stroke
-    that touches the edge)."""
-    return tf.where(_per_image(_median(_border(grey)) > 0.5), 1.0 - grey, grey)
+    """White digit on black: inverts images whose background (the border's median, which resists a stroke
+    that touches the edge) is nearer their brightest pixel than their darkest, i.e. whose ink is darker than
+    the paper. Against the image's own range, not mid-grey: white chalk on a mid-grey board stays as it is
+    (MNIST-C's brightness, a background of 128, was inverted into "no ink") and faint pencil on grey paper
+    is inverted whichever side of mid-grey the paper is."""
+    background = _median(_border(grey))
+    darkest, brightest = tf.reduce_min(grey, axis=[1, 2, 3]), tf.reduce_max(grey, axis=[1, 2, 3])
+    return tf.where(_per_image(background - darkest > brightest - background), 1.0 - grey, grey)
 
 
 def stretch_contrast(grey: tf.Tensor) -> tf.Tensor:
