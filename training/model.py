@@ -120,7 +120,7 @@ def build_model(cfg: Config, policy: str = "float32") -> keras.Model:
 def float32_copy(model: keras.Model, cfg: Config) -> keras.Model:
     """The same network and weights computing in float32: what is calibrated, evaluated and exported
     (a mixed-precision model is returned as a float32 twin; a float32 one as it is)."""
-    if model.compute_dtype == "float32" and all(layer.compute_dtype == "float32" for layer in model.layers):
+    if model.dtype_policy.name == "float32":
         return model
     twin = build_model(cfg, "float32")
     twin.set_weights(model.get_weights())

@@ -246,6 +246,7 @@ def run(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     if not is_chief():
         log("trained; the chief evaluates and exports")
         return {}
+    precision = model.dtype_policy.name  # what --precision resolved to in fit()
     if (exported := float32_copy(model, cfg)) is not model:
         log("exporting the float32 twin of the mixed-precision model")
         model = exported
@@ -263,7 +264,7 @@ def run(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
                 calibration.scale_probabilities(probabilities, 1.0 / temperature), labels, temperature)
             log(f"test ECE {calibrated['test']['ece_before']:.4f} -> {calibrated['test']['ece_after']:.4f}")
         metrics = {"test": test, "calibration": calibrated, "train_seconds": round(train_seconds, 1),
-                   "config": cfg.to_dict(), "training_precision": resolve_precision(cfg.precision),
+                   "config": cfg.to_dict(), "training_precision": precision,
                    "tensorflow": tf.__version__, "keras": keras.__version__}
         log(f"test accuracy {test['accuracy']:.4f} ({test['errors']} errors in {test['examples']}), "
             f"loss {test['loss']:.4f}")
