@@ -133,8 +133,7 @@ def measure(cfg: Config, steps: int) -> dict[str, Any]:
     log(f"pipeline: {results['pipeline']['images_per_s']:,} images/s augmented, "
         f"{results['pipeline_no_augment']['images_per_s']:,} without")
     log(f"{cfg.epochs} full epoch(s) through training.train.fit")
-    train_images = int(data.split_names(cfg)["train"].split(":")[1].rstrip("]"))
-    timer = EpochTimer(train_images)
+    timer = EpochTimer(int(data.load_split(cfg, "train").cardinality()))
     model = train.fit(cfg, [timer])
     results["epochs"] = timer.epochs
     steady = timer.epochs[1:] or timer.epochs
