@@ -34,9 +34,9 @@ import tensorflow as tf
 from PIL import Image, ImageFilter
 
 from training.evaluate import NUM_CLASSES, _pyplot, encode_pngs
+from training.mnist_c import SEED  # one seed for every corrupted test set
 from training.preprocessing import decode_batch
 
-SEED = 1234
 BATCH_SIZE = 256
 CENTRE = 14.0  # of a 28x28 image, in PIL's continuous coordinates
 
