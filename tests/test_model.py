@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from training.config import Config, add_flags, from_args
 from training.model import build_model
-from training.train import learning_rate_at
+from training.train import SparseSmoothedCrossentropy, learning_rate_schedule
 
 PRESCRIBED = ["conv1", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3", "fc1", "fc2", "output"]
 
@@ -97,12 +97,30 @@ def test_every_config_field_is_a_flag():
     assert from_args(parser.parse_args([])) == Config()
 
 
-def test_learning_rate_warms_up_then_decays():
+def test_learning_rate_warms_up_step_by_step_then_decays_to_zero_at_the_last_step():
     cfg = Config(epochs=10, warmup_epochs=2, learning_rate=1e-3)
-    rates = [learning_rate_at(e, cfg) for e in range(cfg.epochs)]
-    assert rates[0] < rates[1] < rates[2] == pytest.approx(1e-3)
-    assert all(a > b for a, b in itertools.pairwise(rates[2:]))
-    assert rates[-1] < 0.05e-3
+    schedule = learning_rate_schedule(cfg, steps_per_epoch=5)
+    rates = [float(schedule(step)) for step in range(cfg.epochs * 5 + 1)]
+    assert rates[0] == 0.0 and all(a < b for a, b in itertools.pairwise(rates[:11]))
+    assert rates[10] == pytest.approx(1e-3)
+    assert all(a > b for a, b in itertools.pairwise(rates[10:]))
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
+    assert rates[45] < 0.1 * cfg.learning_rate  # the last half epoch runs at under a tenth of the peak
+    no_warmup = learning_rate_schedule(Config(epochs=4, warmup_epochs=0, learning_rate=1e-3), steps_per_epoch=3)
+    assert float(no_warmup(0)) == pytest.approx(1e-3) and float(no_warmup(12)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_label_smoothing_spreads_a_share_of_each_target_over_the_ten_classes():
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(10), size=6).astype(np.float32)
+    labels = rng.integers(0, 10, 6)
+    for smoothing in (0.0, 0.1):
+        targets = np.full((6, 10), smoothing / 10) + np.eye(10)[labels] * (1 - smoothing)
+        expected = -(targets * np.log(probabilities)).sum(axis=1).mean()
+        loss = SparseSmoothedCrossentropy(smoothing)(labels[:, None], probabilities)
+        assert float(loss) == pytest.approx(expected, rel=1e-5)
+    restored = keras.losses.deserialize(keras.losses.serialize(SparseSmoothedCrossentropy(0.1)))
+    assert restored.label_smoothing == 0.1
 
 
 def test_fused_batch_norm_trains_exactly_as_keras_batch_norm():

@@ -37,8 +37,14 @@ def test_report_lists_every_variant_and_writes_json_and_pngs(report, model_base_
     summary = result["summary"]
     corruptions = [v["accuracy"] for v in result["variants"] if v["group"] == "corruption"]
     assert summary["corruption_mean_accuracy"] == pytest.approx(np.mean(corruptions))
-    assert len(summary["criteria"]) == 4 and all(isinstance(ok, bool) for ok in summary["criteria"].values())
-    for png in ("robustness.png", "robustness_examples.png"):
+    assert all(isinstance(ok, bool) for ok in summary["criteria"].values())
+    mnist_c = {v["name"]: v for v in result["variants"] if v["group"] == "mnist_c"}
+    assert [name.removeprefix("mnist_c_") for name in mnist_c] == list(robustness.mnist_c.CORRUPTIONS)
+    unseen = [v["accuracy"] for v in mnist_c.values() if v["seen_in_training"] is None]
+    assert len(unseen) == len(mnist_c) - len(robustness.MNIST_C_SEEN)
+    assert summary["mnist_c_unseen_mean_accuracy"] == pytest.approx(np.mean(unseen))
+    assert summary["mnist_c_mean_accuracy"] == pytest.approx(np.mean([v["accuracy"] for v in mnist_c.values()]))
+    for png in ("robustness.png", "robustness_examples.png", "mnist_c.png", "mnist_c_contact_sheet.png"):
         assert (reports / png).read_bytes().startswith(b"\x89PNG")
     table = robustness.format_table(result)
     assert all(name in table for name in names)
@@ -97,3 +103,20 @@ def test_summary_applies_the_done_criteria():
     assert summary["corruption_mean_accuracy"] == pytest.approx(0.94)
     assert summary["corruptions_below_floor"] == ["b"] and summary["files_below_clean"] == ["f"]
     assert list(summary["criteria"].values()) == [True, False, False, False]
+    assert "mnist_c_mean_accuracy" not in summary  # no MNIST-C rows, no MNIST-C criteria
+
+
+def test_mnist_c_summary_keeps_the_families_training_saw_apart():
+    seen_name = next(iter(robustness.MNIST_C_SEEN))
+    results = [{"name": "clean", "group": "clean", "accuracy": 0.996},
+               {"name": "mnist_c_" + seen_name, "group": "mnist_c", "accuracy": 0.99,
+                "seen_in_training": robustness.MNIST_C_SEEN[seen_name]},
+               {"name": "mnist_c_fog", "group": "mnist_c", "accuracy": 0.98, "seen_in_training": None},
+               {"name": "mnist_c_zigzag", "group": "mnist_c", "accuracy": 0.95, "seen_in_training": None}]
+    summary = robustness.summarize(results)
+    assert summary["mnist_c_mean_accuracy"] == pytest.approx((0.99 + 0.98 + 0.95) / 3)
+    assert summary["mnist_c_unseen_mean_accuracy"] == pytest.approx(0.965)
+    assert summary["mnist_c_seen_mean_accuracy"] == pytest.approx(0.99)
+    assert summary["mnist_c_min"] == ("mnist_c_zigzag", 0.95)
+    met = {name: ok for name, ok in summary["criteria"].items() if "MNIST-C" in name}
+    assert list(met.values()) == [True, False]  # 0.9733 overall, 0.965 unseen, against 0.97

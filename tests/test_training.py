@@ -309,7 +309,7 @@ def test_a_run_always_finishes_its_schedule_and_keeps_its_last_weights(tmp_path,
     history = model.history.history
     rates = history["learning_rate"]
     assert len(rates) == cfg.epochs and not model.stop_training
-    assert rates[0] == pytest.approx(cfg.learning_rate) and rates[-1] < 0.1 * cfg.learning_rate
+    assert rates[0] > 0.9 * cfg.learning_rate and rates[-1] == pytest.approx(0.0, abs=1e-9)
     assert int(np.argmin(history["val_loss"])) < cfg.epochs - 6  # patience 5 would have stopped it
     _, accuracy = model.evaluate(train.data.pipeline(train.data.load_split(cfg, "validation"), cfg, training=False),
                                  verbose=0)

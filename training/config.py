@@ -58,7 +58,10 @@ class Config:
     epochs: int = 24
     batch_size: int = 128
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    warmup_epochs: int = field(default=1, metadata={"help": "linear warm-up before the cosine decay"})
+    warmup_epochs: int = field(default=1, metadata={
+        "help": "epochs of linear warm-up, step by step, before the cosine decay to 0 at the last step"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "share of each target spread evenly over the 10 classes"})
     monitor: str = field(default="val_loss", metadata={
         "choices": MONITORS,
         "help": "validation metric that picks the epoch saved as best.keras, a record of the run: what is "

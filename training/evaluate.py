@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[evaluate] robustness of {path} on {len(labels)} test images", flush=True)
         report = robustness.robustness_report(path, images, labels, args.reports_dir)
         print(robustness.format_table(report))
-        print(f"[evaluate] robustness.json, robustness.png, robustness_examples.png in {args.reports_dir}")
+        print(f"[evaluate] robustness.json, robustness.png, robustness_examples.png, mnist_c.png, "
+              f"mnist_c_contact_sheet.png in {args.reports_dir}")
         return
     print(f"[evaluate] {path} on {len(labels)} test images sent as PNG bytes", flush=True)
     test, probabilities = evaluate_export(path, images, labels)

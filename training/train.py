@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import time
@@ -34,13 +33,44 @@ def log(message: str) -> None:
     print(f"[train] {message}", flush=True)
 
 
-def learning_rate_at(epoch: int, cfg: Config) -> float:
-    """Linear warm-up to the peak, then cosine decay towards zero at the last epoch."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.learning_rate * (epoch + 1) / (cfg.warmup_epochs + 1)
-    decay_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
-    progress = (epoch - cfg.warmup_epochs) / decay_epochs
-    return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+def learning_rate_schedule(cfg: Config, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Per step: a linear warm-up from 0 to the peak over `warmup_epochs`, then a cosine decay that reaches 0
+    at the last step of the last epoch. The rate is a function of the optimizer's step count, which
+    BackupAndRestore restores, so a resumed run continues the schedule where the killed one was."""
+    steps_per_epoch = max(1, steps_per_epoch)
+    warmup = min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch
+    decay = max(1, cfg.epochs * steps_per_epoch - warmup)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay, alpha=0.0)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay, alpha=0.0, warmup_target=cfg.learning_rate,
+                                                  warmup_steps=warmup)
+
+
+class LogLearningRate(keras.callbacks.Callback):
+    """Puts the rate the optimizer has reached at the end of each epoch into the epoch's logs (history.csv,
+    TensorBoard), as keras.callbacks.LearningRateScheduler does for per-epoch rates."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+@keras.saving.register_keras_serializable(package="mnist")
+class SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Cross-entropy of integer labels against targets smoothed towards uniform: 1 - s + s/10 for the true
+    class, s/10 for the others (Keras's label smoothing, which its sparse loss does not offer)."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "sparse_smoothed_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, [-1]), "int32"),
+                                    keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 def refresh_batch_norm(model: keras.Model, images: tf.data.Dataset, forward=None) -> None:
@@ -137,7 +167,7 @@ def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
         *([BatchNormForAverage(clean_training_images(cfg, EPOCH_BATCH_NORM_BATCHES))]
           if cfg.ema and cfg.batch_norm else []),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=cfg.monitor, save_best_only=True),
-        keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(epoch, cfg)),
+        LogLearningRate(),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
     ]
@@ -195,6 +225,13 @@ def steps_per_execution(cfg: Config, strategy: tf.distribute.Strategy) -> int:
     return cfg.steps_per_execution if strategy.num_replicas_in_sync == 1 else 1
 
 
+def steps_per_epoch(train: tf.data.Dataset) -> int:
+    steps = int(train.cardinality())
+    if steps < 0:
+        raise ValueError("the training dataset's length is unknown: the schedule needs its steps per epoch")
+    return steps
+
+
 def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> keras.Model:
     if cfg.monitor not in MONITORS:  # a misspelt metric would only warn, and nothing would be checkpointed
         raise ValueError(f"--monitor must be one of {', '.join(MONITORS)}, not {cfg.monitor!r}")
@@ -205,10 +242,10 @@ def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     precision = resolve_precision(cfg.precision)
     with strategy.scope():
         model = build_model(cfg, precision)
-        optimizer = AdamWAverage(cfg.learning_rate, weight_decay=cfg.weight_decay, use_ema=cfg.ema,
-                                 ema_momentum=cfg.ema_momentum)
+        optimizer = AdamWAverage(learning_rate_schedule(cfg, steps_per_epoch(train)), weight_decay=cfg.weight_decay,
+                                 use_ema=cfg.ema, ema_momentum=cfg.ema_momentum)
         model.compile(optimizer=optimizer,
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      loss=SparseSmoothedCrossentropy(cfg.label_smoothing), metrics=["accuracy"],
                       steps_per_execution=steps_per_execution(cfg, strategy))
     log(f"model {model.name}: {model.count_params():,} parameters; training {cfg.epochs} epochs of "
         f"{data.split_names(cfg)['train']} at batch {cfg.batch_size} on {strategy.num_replicas_in_sync} "
