@@ -188,6 +188,16 @@ def test_noise_augmentation_picks_its_share_and_leaves_the_rest_untouched(mnist_
     np.testing.assert_array_equal(data.random_noise(tf.constant(images), 0.0, 11), images)
 
 
+def test_impulse_max_sets_how_much_salt_and_pepper_a_noisy_digit_can_get(mnist_test_arrays):
+    """MNIST-C's impulse noise hits 17% of the pixels; --impulse-max decides whether training reaches it."""
+    images = mnist_test_arrays[0][:64].astype(np.float32) / 255.0
+    changed = {}
+    for impulse_max in (0.02, 0.3):
+        out = data.random_noise(tf.constant(images), 1.0, 11, impulse_max).numpy()
+        changed[impulse_max] = np.mean(np.abs(out - images) > 0.2)
+    assert changed[0.3] > 1.5 * changed[0.02], changed
+
+
 def _centre_of_mass(images: np.ndarray) -> np.ndarray:
     """[n, 28, 28, 1] -> [n, 2] (row, column) in pixels."""
     rows, cols = np.mgrid[:28, :28]

@@ -53,6 +53,8 @@ class Config:
     noise_probability: float = field(default=0.1, metadata={
         "help": "share of training digits given gaussian noise or salt and pepper, then normalised as the "
                 "serving graph does"})
+    impulse_max: float = field(default=0.08, metadata={
+        "help": "salt and pepper hits between 1% and this share of a noisy digit's pixels"})
 
     # Optimisation.
     epochs: int = 24

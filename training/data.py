@@ -233,10 +233,10 @@ def random_occlusion(images: tf.Tensor, probability: float, seed: int) -> tf.Ten
 
 
 NOISE_SIGMAS = (0.05, 0.3)  # gaussian noise of this standard deviation (of the range) ...
-IMPULSE_FRACTIONS = (0.01, 0.08)  # ... or salt and pepper on this share of the pixels
+IMPULSE_MIN = 0.01  # ... or salt and pepper on between this share of the pixels and Config.impulse_max
 
 
-def random_noise(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
+def random_noise(images: tf.Tensor, probability: float, seed: int, impulse_max: float = 0.08) -> tf.Tensor:
     """Adds gaussian noise or salt and pepper (half each, random strength) to a share of the digits, rounds
     them to 8 bits as a file holds them, and reads them back through the serving graph's normalisation
     (`preprocessing.normalize_batch`): what a noisy scan or photo looks like to the network, noise cut to the ink's
@@ -248,7 +248,7 @@ def random_noise(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
     n, shape = tf.shape(picked)[0], tf.shape(picked)
     sigma = tf.random.uniform([n, 1, 1, 1], *NOISE_SIGMAS, seed=seed + 1)
     gaussian = picked + sigma * tf.random.normal(shape, seed=seed + 2)
-    fraction = tf.random.uniform([n, 1, 1, 1], *IMPULSE_FRACTIONS, seed=seed + 3)
+    fraction = tf.random.uniform([n, 1, 1, 1], IMPULSE_MIN, max(impulse_max, IMPULSE_MIN), seed=seed + 3)
     salt = tf.cast(tf.random.uniform(shape, seed=seed + 4) < 0.5, tf.float32)
     impulse = tf.where(tf.random.uniform(shape, seed=seed + 5) < fraction, salt, picked)
     noisy = tf.where(tf.random.uniform([n, 1, 1, 1], seed=seed + 6) < 0.5, gaussian, impulse)
@@ -299,7 +299,7 @@ def augmenter(cfg: Config):
 
     def augment(images: tf.Tensor) -> tf.Tensor:
         # first, on digits that have ink; op seeds: noise +10 to +16, affine +20 to +25, the others +4 to +9
-        images = random_noise(images, cfg.noise_probability, cfg.seed + 10)
+        images = random_noise(images, cfg.noise_probability, cfg.seed + 10, cfg.impulse_max)
         images = random_affine(images, cfg, cfg.seed + 20)
         images = random_stroke_width(images, cfg.stroke_probability, cfg.seed + 4)
         return random_occlusion(images, cfg.occlusion_probability, cfg.seed + 5)
