@@ -32,6 +32,14 @@ class _Histogram:
         return out
 
 
+def _label(value: str) -> str:
+    """A label value as the exposition format writes it: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+UNKNOWN_MODEL = ""  # the model_name label of requests for a model this server does not serve
+
+
 class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -40,6 +48,10 @@ class Metrics:
         self.batch_size = _Histogram(BATCH_SIZE_BUCKETS)
 
     def record_request(self, model: str, api: str, status: str, seconds: float) -> None:
+        """Requests that name no served model (NOT_FOUND) share the model_name label "", so names a client
+        makes up cannot add series without end."""
+        if status == "NOT_FOUND":
+            model = UNKNOWN_MODEL
         with self._lock:
             self.requests[(model, api, status)] += 1
             if status == "OK":
@@ -53,11 +65,12 @@ class Metrics:
         with self._lock:
             lines = ["# TYPE :tensorflow:serving:request_count counter"]
             for (model, api, status), count in sorted(self.requests.items()):
-                lines.append(f':tensorflow:serving:request_count{{model_name="{model}",api="{api}",'
+                lines.append(f':tensorflow:serving:request_count{{model_name="{_label(model)}",api="{api}",'
                              f'status="{status}"}} {count}')
             lines.append("# TYPE :tensorflow:serving:request_latency histogram")
             for (model, api), histogram in sorted(self.latency.items()):
-                lines += histogram.lines(":tensorflow:serving:request_latency", f'model_name="{model}",api="{api}"')
+                lines += histogram.lines(":tensorflow:serving:request_latency",
+                                         f'model_name="{_label(model)}",api="{api}"')
             lines.append("# TYPE :tensorflow:serving:batching_session:processed_batch_size histogram")
             lines += self.batch_size.lines(":tensorflow:serving:batching_session:processed_batch_size", "")
         return "\n".join(lines) + "\n"

@@ -185,7 +185,7 @@ class RestHandler(BaseHTTPRequestHandler):
         name, label, verb = match["name"], match["label"], match["verb"]
         version = None
         if match["version"] is not None:
-            if not match["version"].isdigit():
+            if not (match["version"].isascii() and match["version"].isdigit()):
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Version must be an integer: {match['version']}")
             version = int(match["version"])
         if verb:
@@ -223,7 +223,9 @@ class RestHandler(BaseHTTPRequestHandler):
             raise ConnectionError("client closed before sending the whole body")
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "JSON Parse error: nested too deeply") from None
+        except ValueError as e:  # also malformed UTF-8 and integers longer than Python reads (4,300 digits)
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"JSON Parse error: {e}") from None
         signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
         if not isinstance(signature_name, str):

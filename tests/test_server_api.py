@@ -203,6 +203,9 @@ def test_bomb_message_says_what_was_wrong(stub):
     (lambda r: r.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([1.0, 2.0])), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda r: r.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([[b"a"]])), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda r: r.inputs["image_bytes"].tensor_shape.dim.add(size=5), grpc.StatusCode.INVALID_ARGUMENT),
+    # 2,000 images declared, one carried: TensorFlow's rule would repeat it 2,000 times
+    (lambda r: setattr(r.inputs["image_bytes"].tensor_shape.dim[0], "size", 2000), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: setattr(r.inputs["image_bytes"].tensor_shape.dim[0], "size", -1), grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_grpc_request_mistakes(server, stub, digits, change, code):
     request = predict_request(digits[0][:1])
@@ -233,6 +236,9 @@ def test_grpc_unimplemented_methods(server, stub):
 @pytest.mark.parametrize("path, body, raw, method, status", [
     ("/v1/models/mnist:predict", None, b"{not json", "POST", 400),
     ("/v1/models/mnist:predict", None, b"\xff\xfe", "POST", 400),
+    ("/v1/models/mnist:predict", None, b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "POST", 400),
+    ("/v1/models/mnist:predict", None, b'{"instances": [' + b"7" * 5000 + b"]}", "POST", 400),
+    ("/v1/models/mnist:predict", None, b'{"instances": ["\\ud800"]}', "POST", 400),
     ("/v1/models/mnist:predict", {"instances": [{"b64": "!!not base64!!"}]}, None, "POST", 400),
     ("/v1/models/mnist:predict", {"instances": [3.5]}, None, "POST", 400),
     ("/v1/models/mnist:predict", {"instances": "x"}, None, "POST", 400),
@@ -276,6 +282,14 @@ def test_rest_oversized_body_is_413_before_reading_it(server, stub, digits):
     assert_good_answer(server, stub, digits)
 
 
+def test_rest_version_with_a_digit_python_reads_but_int_does_not_is_400(server, stub, digits):
+    body = b'{"instances": ["a"]}'
+    answer = _raw_http(server, b"POST /v1/models/mnist/versions/\xb9:predict HTTP/1.1\r\nHost: x\r\n"
+                               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert answer.startswith(b"HTTP/1.1 400") and b"Version must be an integer" in answer
+    assert_good_answer(server, stub, digits)
+
+
 def test_rest_keep_alive_serves_several_requests_on_one_connection(server):
     request = b"GET /v1/models/mnist HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
@@ -284,6 +298,21 @@ def test_rest_keep_alive_serves_several_requests_on_one_connection(server):
         while chunk := sock.recv(65536):
             data += chunk
     assert data.count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_a_model_name_cannot_inject_metrics_or_add_series_without_end(server, stub, digits):
+    for i in range(20):
+        request = predict_request(digits[0][:1])
+        request.model_spec.name = f'x{i}"}} 1\ninjected_metric{{source="attacker"}} 42\n#'
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Predict(request, timeout=30)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    _, text = rest(server, "/monitoring/prometheus/metrics")
+    assert not any(line.startswith("injected_metric") for line in text.splitlines())
+    assert "attacker" not in text
+    unknown = [line for line in text.splitlines() if 'status="NOT_FOUND"' in line and 'api="grpc"' in line]
+    assert len(unknown) == 1 and unknown[0].startswith(':tensorflow:serving:request_count{model_name="",')
+    assert metric_value(text, unknown[0].rsplit(" ", 1)[0]) >= 20
 
 
 def test_prometheus_metrics_count_requests(server, stub, digits):
@@ -295,3 +324,23 @@ def test_prometheus_metrics_count_requests(server, stub, digits):
     after = metric_value(text, ':tensorflow:serving:request_count{model_name="mnist",api="grpc",status="OK"}')
     assert after == before + 1
     assert ":tensorflow:serving:request_latency_bucket" in text
+
+
+def test_rest_strings_are_not_padded_to_the_longest_one():
+    """np.shape on 2,001 strings builds a fixed-width array of 2,001 x 200 KB (400 MB) before anything is
+    checked; the request's arrays must cost what the request does."""
+    import tracemalloc
+
+    from serving.tensors import json_to_array
+
+    value = ["x" * 200_000] + [""] * 2000
+    tracemalloc.start()
+    try:
+        array = json_to_array(value, tf.TensorSpec([None], tf.string), "image_bytes")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert array.shape == (2001,) and array.dtype == object and array[0] == b"x" * 200_000 and array[1] == b""
+    assert peak < 20 * 1024 * 1024, peak
+    nested = json_to_array([["a", "b"], ["c", "d"]], tf.TensorSpec([None, 2], tf.string), "x")
+    assert nested.shape == (2, 2) and nested[1, 0] == b"c"
