@@ -225,6 +225,40 @@ def test_a_stroke_from_edge_to_edge_is_kept_when_it_is_all_there_is():
     assert _box(out)[0] == 20 and out.max() == pytest.approx(1.0)
 
 
+def test_a_white_digit_between_white_bands_is_read_white_on_black(digit):
+    """MNIST-C's stripe: the 7 outermost columns on each side inverted. Three quarters of the border is white,
+    so the border's median called the image black ink on white paper and the digit came out inverted (21% of
+    MNIST-C's stripes read right)."""
+    image, _ = digit
+    striped = image.copy()
+    striped[:, :7] = 255 - striped[:, :7]
+    striped[:, -7:] = 255 - striped[:, -7:]
+    clean, out = run(encode(image, "PNG"), encode(striped, "PNG"))
+    assert out[:, :, 0].mean() < 0.3  # white ink on black, not a white block
+    assert np.corrcoef(out.ravel(), clean.ravel())[0, 1] > 0.6  # the same digit, less what the bands cut
+
+
+def test_a_sheet_photographed_on_a_dark_table_reads_as_on_plain_paper(digit):
+    image, _ = digit
+    plain = _on_page(image)
+    photo = plain.copy()
+    photo[:, :14] = 40  # the table at both sides of the sheet
+    photo[:, -10:] = 60
+    clean, out = run(encode(plain, "PNG"), encode(photo, "PNG"))
+    assert _box(out) == _box(clean)
+    assert _mnist_like(out, clean) < 0.03
+
+
+def test_a_bar_along_one_edge_is_kept_as_part_of_the_digit():
+    seven = np.zeros((28, 28), np.uint8)
+    seven[:4, :] = 255  # a tightly cropped 7: its bar runs along the top edge ...
+    for row in range(4, 28):
+        seven[row, max(0, 24 - row):max(0, 24 - row) + 4] = 255  # ... and its stem down to the left
+    out = run(encode(seven, "PNG"))[0, :, :, 0]
+    inked = out > preprocessing.INK_THRESHOLD
+    assert inked[inked.any(axis=1)][0].sum() >= 10  # the top row of the ink is still the bar
+
+
 def test_a_batch_is_normalised_exactly_as_each_of_its_images_alone(mnist_test_arrays):
     """The noise augmentation normalises batches; serving one image at a time: the two must not differ, also
     when some images of the batch are inverted, ruled, barred or noisy and others are not."""

@@ -12,12 +12,14 @@ and serving cannot drift apart. Steps for one image:
    never exists as floats;
 4. grey, with luma weights that sum to one, so a grey PNG keeps its exact values;
 5. transparency composited onto a background that contrasts with the opaque ink;
-6. polarity: MNIST is a white digit on black; an image whose border is nearer its brightest pixel than its
+6. polarity: MNIST is a white digit on black; an image whose background (the border's median, or where the
+   border is mixed, that of the pixels off uniform rows and columns) is nearer its brightest pixel than its
    darkest (dark ink on lighter paper) is inverted;
-7. contrast: the background (the border's median) becomes 0 and the brightest ink 1; an image without
-   enough contrast is refused as blank ("no ink found"), rather than answered with a confident guess;
-8. lines: rows or columns inked across the whole image, when there are two or more (ruled or squared
-   paper, a form's box, occluding bars), lose their own level, so the digit's strokes stay and the lines go;
+7. contrast: the background becomes 0 and the brightest ink 1; an image without enough contrast is refused
+   as blank ("no ink found"), rather than answered with a confident guess;
+8. lines: bands that run in from two opposite edges (a table beside the sheet, a scan's margins) are cleared;
+   rows or columns inked across the whole image, when there are two or more (ruled or squared paper, a
+   form's box, occluding bars), lose their own level, so the digit's strokes stay and the lines go;
 9. the way MNIST itself was made: the ink's bounding box (specks and noise kept out of it) is scaled to fit
    20x20 keeping its aspect ratio and placed in 28x28 with its centre of mass at the centre.
 
@@ -39,6 +41,8 @@ SOLID_INK, BOX_MARGIN = 0.25, 2  # the box keeps to BOX_MARGIN px around ink who
 MIN_CONTRAST = 0.15  # below this between background and brightest ink, the image is taken as blank
 LINE_COVER = 0.9  # a row or column inked along this share of its length is a line (ruled paper, a bar) ...
 MIN_LINES = 2  # ... when there are at least this many such lines, apart from each other
+BAND_COVER = 0.5  # an edge band goes on inwards while its lines are inked along this share of their length
+MIXED_BORDER = 0.2  # a border with more than this share on each side of the mid-level does not give the background
 LUMA = (0.299, 0.587, 0.114)
 
 
@@ -142,27 +146,60 @@ def _border(grey: tf.Tensor) -> tf.Tensor:
     return tf.concat([grey[:, 0, :, 0], grey[:, -1, :, 0], grey[:, :, 0, 0], grey[:, :, -1, 0]], axis=1)
 
 
+def _masked_median(x: tf.Tensor, keep: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """x [n, k] in [0, 1], keep [n, k] bool -> (the upper median of the kept values of each row, how many)."""
+    count = tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)
+    ordered = tf.sort(tf.where(keep, x, 2.0), axis=1)  # what is not kept sorts after every value
+    return tf.gather(ordered, tf.minimum(count // 2, tf.shape(x)[1] - 1), batch_dims=1), count
+
+
+def background(grey: tf.Tensor) -> tf.Tensor:
+    """[n, h, w, 1] -> [n]: the level of the paper (or board, or screen) the digit is on.
+
+    The border's median, which resists a stroke that touches the edge. Where the border is mixed (between
+    MIXED_BORDER and 1 - MIXED_BORDER of it on the bright side of the image's mid-level: the frame of a
+    photo, a scan's dark margins, MNIST-C's stripes of inverted columns), the border does not say, and the
+    level is the median of the pixels off the rows and columns that are one shade across the whole image
+    (LINE_COVER of them on one side): frames, margins and bands go, and the digit's surroundings decide."""
+    flat = grey[..., 0]
+    low, high = tf.reduce_min(flat, axis=[1, 2]), tf.reduce_max(flat, axis=[1, 2])
+    bright = flat > ((low + high) / 2)[:, None, None]
+    border_bright = tf.reduce_mean(tf.cast(_border(bright[..., None]), tf.float32), axis=1)
+    mixed = tf.logical_and(border_bright > MIXED_BORDER, border_bright < 1.0 - MIXED_BORDER)
+    plain = _median(_border(grey))
+
+    def refined() -> tf.Tensor:  # the sort over every pixel only runs when some image has a mixed border
+        def uniform(axis: int) -> tf.Tensor:
+            share = tf.reduce_mean(tf.cast(bright, tf.float32), axis=axis)
+            return tf.logical_or(share >= LINE_COVER, share <= 1.0 - LINE_COVER)
+        keep = tf.logical_not(tf.logical_or(uniform(2)[:, :, None], uniform(1)[:, None, :]))
+        n = tf.shape(flat)[0]
+        level, count = _masked_median(tf.reshape(flat, [n, -1]), tf.reshape(keep, [n, -1]))
+        return tf.where(tf.logical_and(mixed, count > 0), level, plain)
+
+    return tf.cond(tf.reduce_any(mixed), refined, lambda: plain)
+
+
 def to_mnist_polarity(grey: tf.Tensor) -> tf.Tensor:
-    """White digit on black: inverts images whose background (the border's median, which resists a stroke
-    that touches the edge) is nearer their brightest pixel than their darkest, i.e. whose ink is darker than
-    the paper. Against the image's own range, not mid-grey: white chalk on a mid-grey board stays as it is
-    (MNIST-C's brightness, a background of 128, was inverted into "no ink") and faint pencil on grey paper
-    is inverted whichever side of mid-grey the paper is."""
-    background = _median(_border(grey))
+    """White digit on black: inverts images whose background (see `background`) is nearer their brightest
+    pixel than their darkest, i.e. whose ink is darker than the paper. Against the image's own range, not
+    mid-grey: white chalk on a mid-grey board stays as it is (MNIST-C's brightness, a background of 128, was
+    inverted into "no ink") and faint pencil on grey paper is inverted whichever side of mid-grey the paper is."""
+    level = background(grey)
     darkest, brightest = tf.reduce_min(grey, axis=[1, 2, 3]), tf.reduce_max(grey, axis=[1, 2, 3])
-    return tf.where(_per_image(background - darkest > brightest - background), 1.0 - grey, grey)
+    return tf.where(_per_image(level - darkest > brightest - level), 1.0 - grey, grey)
 
 
 def stretch_contrast(grey: tf.Tensor) -> tf.Tensor:
-    """Background (the border's median) to 0, the brightest ink to 1: grey paper, faint pencil and dim
+    """Background (see `background`) to 0, the brightest ink to 1: grey paper, faint pencil and dim
     photos come out like MNIST's black and white. An image without enough contrast has no ink to read."""
-    background = _median(_border(grey))
-    contrast = tf.reduce_max(grey, axis=[1, 2, 3]) - background
+    level = background(grey)
+    contrast = tf.reduce_max(grey, axis=[1, 2, 3]) - level
     lowest = tf.reduce_min(contrast)
     message = tf.strings.format("no ink found: the image is blank or its contrast ({}) is below {}",
                                 (lowest, MIN_CONTRAST))
     with tf.control_dependencies([tf.debugging.Assert(lowest >= MIN_CONTRAST, [message])]):
-        stretched = (grey - _per_image(background)) / _per_image(tf.maximum(contrast, MIN_CONTRAST))
+        stretched = (grey - _per_image(level)) / _per_image(tf.maximum(contrast, MIN_CONTRAST))
         return tf.clip_by_value(stretched, 0.0, 1.0)
 
 
@@ -184,12 +221,32 @@ def _lines_removed(ink: tf.Tensor, axis: int) -> tf.Tensor:
     return tf.cond(tf.reduce_any(ruled), remove, lambda: ink)
 
 
+def _edge_bands(ink: tf.Tensor, axis: int) -> tf.Tensor:
+    """ink [n, h, w] -> [n, lines] bool: the bands of lines along `axis` (2: rows, 1: columns) that run in from
+    both opposite edges, each starting with a line inked along LINE_COVER of its length and going on while
+    the lines are inked along BAND_COVER: the table on both sides of a photographed sheet, a scan's margins,
+    MNIST-C's stripes. Both edges, because a band on one side may be the bar of a tightly cropped 7."""
+    cover = tf.reduce_mean(tf.cast(ink > INK_THRESHOLD, tf.float32), axis=axis)  # [n, lines]
+
+    def from_start(c: tf.Tensor) -> tf.Tensor:
+        run = tf.math.cumprod(tf.cast(c >= BAND_COVER, tf.float32), axis=1) > 0
+        return tf.logical_and(run, c[:, :1] >= LINE_COVER)
+
+    start, end = from_start(cover), from_start(cover[:, ::-1])[:, ::-1]
+    both = tf.logical_and(tf.reduce_any(start, axis=1), tf.reduce_any(end, axis=1))[:, None]
+    return tf.logical_and(both, tf.logical_or(start, end))
+
+
 def remove_lines(ink: tf.Tensor) -> tf.Tensor:
-    """[n, h, w, 1] -> the same without thin lines that run across the whole image: ruled or squared paper, a
-    form's box, occluding bars. What a digit occluded by bars keeps is read as a digit with gaps (training
-    augments with such gaps: `training.data.random_occlusion`). If nothing but lines is there, the image
-    is left as it was, so "no ink" is not claimed for an image made of strokes."""
-    cleaned = _lines_removed(_lines_removed(ink[..., 0], axis=2), axis=1)[..., None]
+    """[n, h, w, 1] -> the same without bands at two opposite edges (see `_edge_bands`) and thin lines that run
+    across the whole image: ruled or squared paper, a form's box, occluding bars. What a digit occluded by
+    bars keeps is read as a digit with gaps (training augments with such gaps: `training.data.random_occlusion`).
+    If nothing but lines is there, the image is left as it was, so "no ink" is not claimed for an image made of
+    strokes."""
+    flat = ink[..., 0]
+    bands = tf.logical_or(_edge_bands(flat, axis=2)[:, :, None], _edge_bands(flat, axis=1)[:, None, :])
+    flat = tf.where(bands, 0.0, flat)
+    cleaned = _lines_removed(_lines_removed(flat, axis=2), axis=1)[..., None]
     return tf.where(_per_image(tf.reduce_max(cleaned, axis=[1, 2, 3]) > INK_THRESHOLD), cleaned, ink)
 
 
