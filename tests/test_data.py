@@ -247,3 +247,30 @@ def test_affine_augmentation_is_one_resampling_that_a_seed_repeats(mnist_test_ar
     assert not np.array_equal(first, transformed(21))
     # the digit's sharpness survives: one bilinear resampling, not four in a row
     assert float(tf.reduce_max(first)) > 0.95
+
+
+def test_a_line_augmentation_adds_one_straight_stroke_and_takes_nothing_away(mnist_test_arrays):
+    images = mnist_test_arrays[0][:64].astype(np.float32) / 255.0
+    out = data.random_line(tf.constant(images), 1.0, 40).numpy()
+    assert (out >= images).all() and out.max() <= 1.0  # drawn over, never erased
+    added = (out - images)[..., 0] > 0.5
+    assert added.any(axis=(1, 2)).mean() > 0.8  # (a short line may fall on ink that is already there)
+    for stroke in added[added.any(axis=(1, 2))]:
+        rows, cols = np.nonzero(stroke)
+        if len(rows) >= 6:  # straight: the added pixels lie within 2 px of their best-fitting line
+            centred = np.stack([rows - rows.mean(), cols - cols.mean()])
+            assert np.linalg.svd(centred, compute_uv=False)[1] / np.sqrt(len(rows)) < 2.0
+    np.testing.assert_array_equal(data.random_line(tf.constant(images), 0.0, 40), images)
+
+
+def test_an_outline_augmentation_draws_hollow_digits_as_the_serving_graph_fits_them(mnist_test_arrays):
+    images = mnist_test_arrays[0][:32].astype(np.float32) / 255.0
+    out = data.random_outline(tf.constant(images), 1.0, 30).numpy()
+    solid = images[..., 0] > 0.5
+    inked = out[..., 0] > 0.5
+    # hollow: inside the thick part of each stroke (solid with all 4 neighbours solid) there is little ink
+    core = solid[:, 1:-1, 1:-1] & solid[:, :-2, 1:-1] & solid[:, 2:, 1:-1] & solid[:, 1:-1, :-2] & solid[:, 1:-1, 2:]
+    assert inked[:, 1:-1, 1:-1][core].mean() < 0.5
+    assert all(0.2 < a.mean() / max(b.mean(), 1e-6) for a, b in zip(inked, solid))  # every digit has its ring
+    heights = [np.ptp(np.nonzero(i.any(axis=1))[0]) + 1 for i in inked]
+    assert max(heights) <= 21  # fitted into MNIST's 20x20 box like a file of a hollow digit would be

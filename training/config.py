@@ -53,6 +53,11 @@ class Config:
     noise_probability: float = field(default=0.1, metadata={
         "help": "share of training digits given gaussian noise or salt and pepper, then normalised as the "
                 "serving graph does"})
+    line_probability: float = field(default=0.0, metadata={
+        "help": "share of training digits with a straight stroke drawn across them (a pen slip, a crossed-out "
+                "digit)"})
+    outline_probability: float = field(default=0.0, metadata={
+        "help": "share of training digits drawn as their outline (hollow strokes, as bubble writing)"})
     impulse_max: float = field(default=0.08, metadata={
         "help": "salt and pepper hits between 1% and this share of a noisy digit's pixels"})
 

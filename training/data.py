@@ -293,16 +293,54 @@ def random_affine(images: tf.Tensor, cfg: Config, seed: int) -> tf.Tensor:
         interpolation="BILINEAR", fill_mode="CONSTANT")
 
 
+LINE_WIDTHS = (1.0, 2.5)  # pixels
+
+
+def random_line(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
+    """Draws one straight stroke, 1-2.5 px wide at full ink, between two random points of the image over a
+    share of the digits: a pen slip, a digit crossed out, a line of a form through the writing."""
+    if probability <= 0:
+        return images
+    n, side = tf.shape(images)[0], tf.cast(tf.shape(images)[1], tf.float32)
+    ends = tf.random.uniform([n, 4], 2.0, side - 2.0, seed=seed)  # x0, y0, x1, y1
+    width = tf.random.uniform([n, 1, 1], *LINE_WIDTHS, seed=seed + 1)
+    grid = tf.range(side) + 0.5
+    x, y = grid[None, None, :], grid[None, :, None]
+    x0, y0, x1, y1 = (ends[:, i, None, None] for i in range(4))
+    dx, dy = x1 - x0, y1 - y0
+    t = tf.clip_by_value(((x - x0) * dx + (y - y0) * dy) / tf.maximum(dx * dx + dy * dy, 1e-6), 0.0, 1.0)
+    distance = tf.sqrt(tf.square(x - x0 - t * dx) + tf.square(y - y0 - t * dy))
+    line = tf.clip_by_value(width / 2.0 + 0.5 - distance, 0.0, 1.0)[..., None]
+    chosen = tf.random.uniform([n, 1, 1, 1], seed=seed + 2) < probability
+    return tf.where(chosen, tf.maximum(images, line), images)
+
+
+def random_outline(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
+    """Draws a share of the digits as their outline: the 1 px ring around the strokes, hollow inside (bubble
+    writing, an edge map of a photo), read back through the serving graph's normalisation, which fits the
+    ring's box as it would a file's."""
+    if probability <= 0:
+        return images
+    chosen = tf.random.uniform([tf.shape(images)[0]], seed=seed) < probability
+    picked = tf.cast(tf.boolean_mask(images, chosen) > 0.5, tf.float32)
+    ring = tf.nn.max_pool2d(picked, 3, 1, "SAME") - picked
+    return tf.tensor_scatter_nd_update(images, tf.where(chosen), preprocessing.normalize_batch(ring))
+
+
 def augmenter(cfg: Config):
-    """Noise, random rotation, shear, shift, zoom, stroke width and occluding bars of a batch: the kinds of variation
+    """Outlines, noise, random rotation, shear, shift, zoom, stroke width, occluding bars and strokes across the
+    digit of a batch: the kinds of variation
     handwriting and its photos have (no flips: a flipped digit is another symbol or none)."""
 
     def augment(images: tf.Tensor) -> tf.Tensor:
-        # first, on digits that have ink; op seeds: noise +10 to +16, affine +20 to +25, the others +4 to +9
+        # first, on digits that have ink; op seeds: outline +30, noise +10 to +16, affine +20 to +25,
+        # lines +40 to +42, the others +4 to +9
+        images = random_outline(images, cfg.outline_probability, cfg.seed + 30)
         images = random_noise(images, cfg.noise_probability, cfg.seed + 10, cfg.impulse_max)
         images = random_affine(images, cfg, cfg.seed + 20)
         images = random_stroke_width(images, cfg.stroke_probability, cfg.seed + 4)
-        return random_occlusion(images, cfg.occlusion_probability, cfg.seed + 5)
+        images = random_occlusion(images, cfg.occlusion_probability, cfg.seed + 5)
+        return random_line(images, cfg.line_probability, cfg.seed + 40)
 
     return augment
 
