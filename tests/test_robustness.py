@@ -1,5 +1,6 @@
 """The robustness report on the session's tiny model and 40 test digits: structure, outputs, corruptions."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from training import evaluate, robustness
+from training.config import Config
 
 N = 40
 
@@ -41,7 +43,10 @@ def test_report_lists_every_variant_and_writes_json_and_pngs(report, model_base_
     mnist_c = {v["name"]: v for v in result["variants"] if v["group"] == "mnist_c"}
     assert [name.removeprefix("mnist_c_") for name in mnist_c] == list(robustness.mnist_c.CORRUPTIONS)
     unseen = [v["accuracy"] for v in mnist_c.values() if v["seen_in_training"] is None]
-    assert len(unseen) == len(mnist_c) - len(robustness.MNIST_C_SEEN)
+    seen = robustness.seen_in_training(robustness.training_config(model_base_path / "1"))
+    assert result["mnist_c_seen_in_training"] == seen
+    assert {name for name, v in mnist_c.items() if v["seen_in_training"]} == {f"mnist_c_{name}" for name in seen}
+    assert len(unseen) == len(mnist_c) - len(seen)
     assert summary["mnist_c_unseen_mean_accuracy"] == pytest.approx(np.mean(unseen))
     assert summary["mnist_c_mean_accuracy"] == pytest.approx(np.mean([v["accuracy"] for v in mnist_c.values()]))
     for png in ("robustness.png", "robustness_examples.png", "mnist_c.png", "mnist_c_contact_sheet.png"):
@@ -107,10 +112,10 @@ def test_summary_applies_the_done_criteria():
 
 
 def test_mnist_c_summary_keeps_the_families_training_saw_apart():
-    seen_name = next(iter(robustness.MNIST_C_SEEN))
+    seen_name = "shear"
     results = [{"name": "clean", "group": "clean", "accuracy": 0.996},
                {"name": "mnist_c_" + seen_name, "group": "mnist_c", "accuracy": 0.99,
-                "seen_in_training": robustness.MNIST_C_SEEN[seen_name]},
+                "seen_in_training": "affine augmentation (shear)"},
                {"name": "mnist_c_fog", "group": "mnist_c", "accuracy": 0.98, "seen_in_training": None},
                {"name": "mnist_c_zigzag", "group": "mnist_c", "accuracy": 0.95, "seen_in_training": None}]
     summary = robustness.summarize(results)
@@ -120,3 +125,12 @@ def test_mnist_c_summary_keeps_the_families_training_saw_apart():
     assert summary["mnist_c_min"] == ("mnist_c_zigzag", 0.95)
     met = {name: ok for name, ok in summary["criteria"].items() if "MNIST-C" in name}
     assert list(met.values()) == [True, False]  # 0.9733 overall, 0.965 unseen, against 0.97
+
+
+def test_the_families_a_model_saw_follow_its_training_config():
+    default = robustness.seen_in_training(dataclasses.asdict(Config()))
+    assert set(default) == {"shot_noise", "impulse_noise", "shear", "scale", "rotate", "translate"}
+    lines = robustness.seen_in_training(dataclasses.asdict(Config(line_probability=0.1, rotation_degrees=0)))
+    assert set(lines) == set(default) - {"rotate"} | {"dotted_line", "zigzag"}
+    assert robustness.seen_in_training(dataclasses.asdict(Config(augment=False))) == {}
+    assert set(robustness.seen_in_training({})) == set(robustness.MNIST_C_AUGMENTATIONS)  # unknown: all it may have
