@@ -107,8 +107,18 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
+    def _check_size(self, size: int) -> None:
+        """A request larger than the whole queue could never be queued: retrying, what UNAVAILABLE asks a
+        client to do, cannot help, so it is refused as TF Serving refuses a task over its batch limit."""
+        limit = self.options.max_enqueued_batches * self.options.max_batch_size
+        if size > limit:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Task size {size} is larger than the batch queue can hold ({limit} = "
+                               f"max_enqueued_batches x max_batch_size): send fewer images per request")
+
     def run(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
             size: int) -> dict[str, np.ndarray]:
+        self._check_size(size)
         task = _Task(servable, signature_name, inputs, size)
         if not self._run_inline(task):
             task.done = threading.Event()
@@ -120,6 +130,7 @@ class Batcher:
 
     async def run_async(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
                         size: int) -> dict[str, np.ndarray]:
+        self._check_size(size)
         task = _Task(servable, signature_name, inputs, size)
         task.future = asyncio.get_running_loop().create_future()
         self._enqueue(task)

@@ -16,9 +16,15 @@ _HTTP_STATUS = {
 
 _BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
+# A message echoes what the client sent (a model name, a label, a path); gRPC carries it in a trailer whose size
+# is limited (8 KB by default), so a 20,000-character model name turned NOT_FOUND into RESOURCE_EXHAUSTED.
+MAX_MESSAGE_CHARS = 1000
+
 
 class ServingError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message)} characters in all)"
         super().__init__(message)
         self.code = code
         self.message = message

@@ -217,6 +217,16 @@ def test_grpc_request_mistakes(server, stub, digits, change, code):
     assert_good_answer(server, stub, digits)
 
 
+def test_a_model_name_of_20000_characters_is_not_found_with_a_bounded_message(server, stub, digits):
+    request = predict_request(digits[0][:1])
+    request.model_spec.name = "m" * 20_000
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(error.value.details()) < 1100 and error.value.details().endswith("... (20040 characters in all)")
+    assert_good_answer(server, stub, digits)
+
+
 def test_grpc_oversized_request_is_resource_exhausted(server, stub, digits):
     with pytest.raises(grpc.RpcError) as error:
         stub.Predict(predict_request([b"\0" * (17 * 1024 * 1024)]), timeout=60)

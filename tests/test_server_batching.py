@@ -87,6 +87,17 @@ def test_request_larger_than_max_batch_size_still_runs(server, mnist_png_bytes):
     assert tf.make_ndarray(response.outputs["digit"]).shape == (BATCH + 3,)
 
 
+def test_a_request_larger_than_the_whole_queue_is_invalid_not_unavailable(server, mnist_png_bytes):
+    """UNAVAILABLE tells a client to retry; a request of more images than the queue holds never fits."""
+    images = [mnist_png_bytes[0][0]] * (10 * BATCH + 1)
+    with pytest.raises(grpc.RpcError) as error:
+        prediction_stub(server).Predict(predict_request(images), timeout=120)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Task size 81 is larger than the batch queue can hold (80" in error.value.details()
+    response = prediction_stub(server).Predict(predict_request(images[:BATCH * 10]), timeout=120)
+    assert tf.make_ndarray(response.outputs["digit"]).shape == (BATCH * 10,)
+
+
 def test_a_client_that_gives_up_does_not_disturb_its_batch(server, expected):
     """A cancelled call's slot still runs (its batch leaves when full); the others get their own answers."""
     images, digits = expected
