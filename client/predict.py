@@ -38,15 +38,15 @@ from client.mnist_client import (
 
 EXIT_OK, EXIT_IMAGE_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_SERVER_ERROR = 0, 1, 2, 3, 4
 DEFAULT_PORTS = {"rest": 8501, "grpc": 8500}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
 # Codes that blame what a request carries rather than the request itself: a batch that gets one is split.
 _IMAGE_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
 
 
 def looks_like_image(data: bytes) -> bool:
-    """PNG, JPEG, GIF or BMP by the file's first bytes: a fast, clear error before a round trip."""
-    return data.startswith(_MAGIC)
+    """PNG, JPEG, GIF, BMP or WebP by the file's first bytes: a fast, clear error before a round trip."""
+    return data.startswith(_MAGIC) or (data.startswith(b"RIFF") and data[8:12] == b"WEBP")
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
@@ -71,7 +71,7 @@ def read_image(path: str) -> bytes:
     except OSError as e:
         raise ValueError(f"cannot read: {e.strerror or e}") from None
     if not looks_like_image(data):
-        raise ValueError("not an image (PNG, JPEG, GIF or BMP expected)")
+        raise ValueError("not an image (PNG, JPEG, GIF, BMP or WebP expected)")
     return data
 
 

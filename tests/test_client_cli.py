@@ -132,7 +132,7 @@ def test_bad_files_are_named_and_the_others_still_answered(rest, digits_dir, exp
 
     assert parse_lines(out) == {str(f): expected[str(f)] for f in good}
     errors = err.splitlines()
-    assert errors[0] == f"{text}: error: not an image (PNG, JPEG, GIF or BMP expected)"
+    assert errors[0] == f"{text}: error: not an image (PNG, JPEG, GIF, BMP or WebP expected)"
     # The server's own message for the corrupt PNG, which came in the same request as the good images.
     assert errors[1].startswith(f"{corrupt}: error: rejected by the server: INVALID_ARGUMENT: ")
     assert "PNG" in errors[1]

@@ -86,10 +86,26 @@ def test_declared_size_over_the_limit_is_refused_before_decoding(width, height):
 
 def test_declared_size_is_read_from_every_header():
     wide = np.zeros((30, 70), np.uint8)
-    for fmt in ("PNG", "GIF", "BMP", "JPEG"):
-        height, width = preprocessing.declared_size(tf.constant(encode(wide, fmt)))
-        assert (int(height), int(width)) == (30, 70), fmt
+    for fmt, options in (("PNG", {}), ("GIF", {}), ("BMP", {}), ("JPEG", {}), ("WEBP", {}),
+                         ("WEBP", {"lossless": True}), ("WEBP", {"exif": b"Exif\0\0MM"})):  # VP8, VP8L, VP8X
+        buffer = io.BytesIO()
+        Image.fromarray(wide).save(buffer, format=fmt, **options)
+        height, width = preprocessing.declared_size(tf.constant(buffer.getvalue()))
+        assert (int(height), int(width)) == (30, 70), (fmt, options, buffer.getvalue()[12:16])
     assert [int(v) for v in preprocessing.declared_size(tf.constant(b"no header"))] == [0, 0]
+
+
+def test_a_large_webp_is_refused_before_it_is_decoded():
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 300), 0).save(buffer, format="WEBP", lossless=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="declares 5000x300 pixels"):
+        run(buffer.getvalue())
+
+
+def test_formats_whose_size_is_not_read_are_refused_unread():
+    jxl = b"\xff\x0a" + bytes(64)  # a JPEG XL codestream's signature (TF 2.21 decodes JPEG XL)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="PNG, JPEG, GIF, BMP or WebP expected"):
+        run(jxl)
 
 
 @pytest.mark.parametrize("payload,message", [

@@ -3,9 +3,9 @@
 Every runtime (TF Serving, the embedded server, evaluation of raw files) runs this same graph, so training
 and serving cannot drift apart. Steps for one image:
 
-1. guard: read the width and height the file declares in its header (PNG, GIF, BMP; JPEG through
+1. guard: read the width and height the file declares in its header (PNG, GIF, BMP, WebP; JPEG through
    `extract_jpeg_shape`) and refuse more than MAX_SIDE pixels per side before decoding anything, so a
-   20 KB PNG declaring 13000x13000 pixels costs nothing;
+   20 KB PNG declaring 13000x13000 pixels costs nothing; other formats are refused unread;
 2. decode: PNG as RGBA (so transparency is known), every other format `tf.io.decode_image` reads as RGB
    (three channels: one channel fails on GIF, BMP and CMYK JPEG);
 3. shrink to at most WORK_SIDE pixels per side with area averaging while still uint8, so a large photo
@@ -77,12 +77,35 @@ def declared_size(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
         return shape[0], shape[1]
 
+    def webp_size():  # the first chunk: VP8 (lossy), VP8L (lossless) or VP8X (extended: the canvas)
+        chunk = tf.strings.substr(image_bytes, 12, 4)
+        lossless = _uint(b, 21, 4, big_endian=False)  # 14 bits width - 1, 14 bits height - 1
+        return tf.case([
+            (tf.equal(chunk, b"VP8 "), lambda: (_uint(b, 28, 2, False) % 16384, _uint(b, 26, 2, False) % 16384)),
+            (tf.equal(chunk, b"VP8L"), lambda: ((lossless // 16384) % 16384 + 1, lossless % 16384 + 1)),
+            (tf.equal(chunk, b"VP8X"), lambda: (_uint(b, 27, 3, False) + 1, _uint(b, 24, 3, False) + 1)),
+        ], default=lambda: (zero, zero), exclusive=True)
+
     return tf.case([
         (_starts_with(b, b"\x89PNG"), lambda: (_uint(b, 20, 4, True), _uint(b, 16, 4, True))),
         (_starts_with(b, b"GIF8"), lambda: (_uint(b, 8, 2, False), _uint(b, 6, 2, False))),
         (_starts_with(b, b"BM"), lambda: (bmp_height(), _uint(b, 18, 4, False))),
         (_starts_with(b, b"\xff\xd8\xff"), jpeg_size),
+        (_is_webp(b), webp_size),
     ], default=lambda: (zero, zero), exclusive=True)
+
+
+def _is_webp(b: tf.Tensor) -> tf.Tensor:
+    return tf.logical_and(_starts_with(b, b"RIFF"), tf.reduce_all(tf.equal(b[8:12], tf.constant(list(b"WEBP"),
+                                                                                                 tf.int64))))
+
+
+def _known_format(image_bytes: tf.Tensor) -> tf.Tensor:
+    """PNG, GIF, BMP, JPEG or WebP: the formats whose declared size `declared_size` reads. tf.io.decode_image
+    also decodes others (JPEG XL in TF 2.21) that would pass the size check unread."""
+    b = _header(image_bytes)
+    return tf.reduce_any(tf.stack([_starts_with(b, b"\x89PNG"), _starts_with(b, b"GIF8"), _starts_with(b, b"BM"),
+                                   _starts_with(b, b"\xff\xd8\xff"), _is_webp(b)]))
 
 
 def check_size(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -91,7 +114,10 @@ def check_size(image_bytes: tf.Tensor) -> tf.Tensor:
     ok = tf.logical_and(height <= MAX_SIDE, width <= MAX_SIDE)
     message = tf.strings.format("image declares {}x{} pixels (width x height); the limit is {} per side",
                                 (width, height, MAX_SIDE))
-    with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+    known = tf.logical_or(_known_format(image_bytes), tf.equal(tf.strings.length(image_bytes), 0))
+    with tf.control_dependencies([
+            tf.debugging.Assert(known, ["Unknown image file format: PNG, JPEG, GIF, BMP or WebP expected"]),
+            tf.debugging.Assert(ok, [message])]):
         return tf.identity(image_bytes)
 
 
