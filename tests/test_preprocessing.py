@@ -102,6 +102,33 @@ def test_a_large_webp_is_refused_before_it_is_decoded():
         run(buffer.getvalue())
 
 
+def _gif(screen: tuple[int, int], frames: list[tuple[int, int]]) -> bytes:
+    """A GIF by hand: a logical screen without colour table, then frames each declaring its own size, with
+    a scrap of image data (what a decoder would allocate for is what the descriptor says)."""
+    out = b"GIF89a" + struct.pack("<HHBBB", *screen, 0, 0, 0)
+    out += b"\x21\xf9\x04\x00\x0a\x00\x00\x00"  # a graphic control extension, as animations have
+    for width, height in frames:
+        out += b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x08\x02\x4c\x01\x00"
+    return out + b"\x3b"
+
+
+def test_gif_frames_are_read_from_their_own_descriptors():
+    for frames in ([(70, 30)], [(50, 40)] * 5, [(16, 16), (300, 200), (5, 5)]):
+        counted, side, pixels = (int(v) for v in preprocessing.gif_frames(tf.constant(_gif((16, 16), frames))))
+        assert (counted, side, pixels) == (len(frames), max(max(f) for f in frames), sum(w * h for w, h in frames))
+    buffer = io.BytesIO()  # and a GIF as Pillow writes it, with a global colour table
+    Image.fromarray(np.zeros((30, 70), np.uint8)).save(buffer, format="GIF")
+    assert [int(v) for v in preprocessing.gif_frames(tf.constant(buffer.getvalue()))] == [1, 70, 2100]
+
+
+@pytest.mark.parametrize("frames", [[(8000, 8000)], [(4096, 4096)] * 60], ids=["one-huge-frame", "60-frames"])
+def test_a_gif_whose_frames_exceed_the_limits_is_refused_before_decoding(frames):
+    """A 16x16 logical screen passed the header check while a frame declared 8000x8000 (+252 MB decoded),
+    and 60 frames of 4096x4096 in 1.6 MB cost +969 MB."""
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"GIF declares \d+ frame\(s\)"):
+        run(_gif((16, 16), frames))
+
+
 def test_formats_whose_size_is_not_read_are_refused_unread():
     jxl = b"\xff\x0a" + bytes(64)  # a JPEG XL codestream's signature (TF 2.21 decodes JPEG XL)
     with pytest.raises(tf.errors.InvalidArgumentError, match="PNG, JPEG, GIF, BMP or WebP expected"):

@@ -5,7 +5,9 @@ and serving cannot drift apart. Steps for one image:
 
 1. guard: read the width and height the file declares in its header (PNG, GIF, BMP, WebP; JPEG through
    `extract_jpeg_shape`) and refuse more than MAX_SIDE pixels per side before decoding anything, so a
-   20 KB PNG declaring 13000x13000 pixels costs nothing; other formats are refused unread;
+   20 KB PNG declaring 13000x13000 pixels costs nothing; other formats are refused unread; a GIF's frames are
+   read from their own descriptors (a 16x16 screen may hold an 8000x8000 frame) and bounded one by one and
+   in all;
 2. decode: PNG as RGBA (so transparency is known), every other format `tf.io.decode_image` reads as RGB
    (three channels: one channel fails on GIF, BMP and CMYK JPEG);
 3. shrink to at most WORK_SIDE pixels per side with area averaging while still uint8, so a large photo
@@ -108,6 +110,55 @@ def _known_format(image_bytes: tf.Tensor) -> tf.Tensor:
                                    _starts_with(b, b"\xff\xd8\xff"), _is_webp(b)]))
 
 
+def gif_frames(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(frames, the largest side of any frame, the pixels of all frames) a GIF's image descriptors declare,
+    each int64, read by walking its blocks: a GIF's logical screen may say 16x16 while a frame inside says
+    8000x8000, and the decoder holds every frame at its own size. Extensions and image data are skipped a
+    sub-block (up to 255 bytes) per step, so the walk costs about one step per 255 bytes of the file."""
+    data = tf.cast(tf.io.decode_raw(image_bytes, tf.uint8), tf.int64)
+    size = tf.shape(data, out_type=tf.int64)[0]
+
+    def at(i):  # the byte at i, 0 past the end (a truncated file then ends the walk)
+        i = tf.cast(i, tf.int64)
+        return tf.where(i < size, tf.gather(data, tf.minimum(i, size - 1)), tf.constant(0, tf.int64))
+
+    def u16(i):
+        return at(i) + 256 * at(i + 1)
+
+    def table(packed):  # bytes of the colour table a packed field announces
+        return tf.where(packed >= 128, 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), packed % 8),
+                        tf.constant(0, tf.int64))
+
+    zero = tf.constant(0, tf.int64)
+    start = 13 + table(at(10))
+
+    def step(pos, in_blocks, frames, side, pixels):
+        # in_blocks: pos is at a sub-block's size byte (0 ends the chain); else at a block's first byte
+        length = at(pos)
+
+        def sub_block():
+            return tf.where(length == 0, pos + 1, pos + 1 + length), length != 0, frames, side, pixels
+
+        def block():
+            descriptor = length == 0x2C
+            width, height = u16(pos + 5), u16(pos + 7)
+            after_descriptor = pos + 10 + table(at(pos + 9)) + 1  # colour table, then the LZW code size
+            return (tf.where(descriptor, after_descriptor, pos + 2), tf.constant(True),
+                    frames + tf.cast(descriptor, tf.int64),
+                    tf.where(descriptor, tf.maximum(side, tf.maximum(width, height)), side),
+                    pixels + tf.where(descriptor, width * height, zero))
+
+        return tf.cond(in_blocks, sub_block, block)
+
+    def going(pos, in_blocks, frames, side, pixels):
+        ends = tf.logical_and(tf.logical_not(in_blocks), tf.logical_not(
+            tf.logical_or(tf.equal(at(pos), 0x21), tf.equal(at(pos), 0x2C))))  # the trailer, or not a GIF block
+        return tf.logical_and(pos < size, tf.logical_not(ends))
+
+    _, _, frames, side, pixels = tf.while_loop(going, step, (start, tf.constant(False), zero, zero, zero))
+    return frames, side, pixels
+
+
 def check_size(image_bytes: tf.Tensor) -> tf.Tensor:
     """The bytes, unchanged, once the declared size has been checked (InvalidArgumentError otherwise)."""
     height, width = declared_size(image_bytes)
@@ -119,6 +170,24 @@ def check_size(image_bytes: tf.Tensor) -> tf.Tensor:
             tf.debugging.Assert(known, ["Unknown image file format: PNG, JPEG, GIF, BMP or WebP expected"]),
             tf.debugging.Assert(ok, [message])]):
         return tf.identity(image_bytes)
+
+
+def check_gif_frames(image_bytes: tf.Tensor) -> tf.Tensor:
+    """The bytes, unchanged, once a GIF's frames have been checked: each within MAX_SIDE per side, and all of
+    them, at their own size (giflib holds each) and at the logical screen's (the decoder's output holds every
+    frame), within MAX_SIDE ** 2 pixels. Other formats pass unread."""
+    def check() -> tf.Tensor:
+        frames, side, pixels = gif_frames(image_bytes)
+        height, width = declared_size(image_bytes)
+        total = tf.maximum(pixels, frames * height * width)
+        ok = tf.logical_and(side <= MAX_SIDE, total <= MAX_SIDE * MAX_SIDE)
+        message = tf.strings.format("GIF declares {} frame(s), the largest {} px on a side, {} pixels in all; the "
+                                    "limits are {} per side and {} pixels", (frames, side, total, MAX_SIDE,
+                                                                            MAX_SIDE * MAX_SIDE))
+        with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+            return tf.identity(image_bytes)
+
+    return tf.cond(tf.equal(tf.strings.substr(image_bytes, 0, 4), b"GIF8"), check, lambda: image_bytes)
 
 
 def _shrink(image: tf.Tensor) -> tf.Tensor:
@@ -136,7 +205,7 @@ def decode_rgba(image_bytes: tf.Tensor) -> tf.Tensor:
         return _shrink(tf.io.decode_png(image_bytes, channels=4))
 
     def other():
-        rgb = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        rgb = tf.io.decode_image(check_gif_frames(image_bytes), channels=3, expand_animations=False)
         rgb = _shrink(tf.ensure_shape(rgb, [None, None, 3]))
         return tf.concat([rgb, tf.ones_like(rgb[..., :1])], axis=-1)
 
