@@ -134,3 +134,5 @@ def test_the_families_a_model_saw_follow_its_training_config():
     assert set(lines) == set(default) - {"rotate"} | {"dotted_line", "zigzag"}
     assert robustness.seen_in_training(dataclasses.asdict(Config(augment=False))) == {}
     assert set(robustness.seen_in_training({})) == set(robustness.MNIST_C_AUGMENTATIONS)  # unknown: all it may have
+    before_lines = {k: v for k, v in dataclasses.asdict(Config()).items() if k != "line_probability"}
+    assert set(robustness.seen_in_training(before_lines)) == set(default)  # a setting that did not exist yet

@@ -85,12 +85,15 @@ MNIST_C_AUGMENTATIONS = {
 
 
 def seen_in_training(config: dict[str, Any]) -> dict[str, str]:
-    """{MNIST-C family: the augmentation that applies it} for a model trained with `config` (Config as a dict;
-    a setting the config does not hold counts as applied, so an unknown model is never credited with
-    robustness to what it may have seen)."""
+    """{MNIST-C family: the augmentation that applies it} for a model trained with `config` (Config as a dict).
+    A setting the config does not hold did not exist when the model was trained: not applied. An empty config
+    (a model published without one) counts as having seen every family it could have, so an unknown model is
+    never credited with robustness to what it may have trained on."""
+    if not config:
+        return {name: text for name, (_, text) in MNIST_C_AUGMENTATIONS.items()}
     if not config.get("augment", True):
         return {}
-    return {name: text for name, (setting, text) in MNIST_C_AUGMENTATIONS.items() if config.get(setting, 1) > 0}
+    return {name: text for name, (setting, text) in MNIST_C_AUGMENTATIONS.items() if config.get(setting, 0) > 0}
 
 
 def training_config(export_path: str | Path) -> dict[str, Any]:
