@@ -292,6 +292,18 @@ def test_a_sheet_photographed_on_a_dark_table_reads_as_on_plain_paper(digit):
     assert _mnist_like(out, clean) < 0.03
 
 
+def test_a_digit_in_a_shadow_that_darkens_the_paper_across_the_page_reads_as_on_plain_paper(digit):
+    """Paper from white on the left to dark grey on the right, darker there than the ink is on the left:
+    one background level for the whole image took the shadowed paper for ink (MNIST-C's fog read 92%)."""
+    image, _ = digit
+    plain = _on_page(image).astype(np.float32)
+    light = np.linspace(1.0, 0.35, plain.shape[1])[None, :]  # the light falls off across the page
+    shadowed = np.clip(plain * light, 0, 255).astype(np.uint8)
+    clean, out = run(encode(plain.astype(np.uint8), "PNG"), encode(shadowed, "PNG"))
+    assert abs(_box(out)[0] - _box(clean)[0]) <= 1 and abs(_box(out)[1] - _box(clean)[1]) <= 2
+    assert np.corrcoef(out.ravel(), clean.ravel())[0, 1] > 0.9
+
+
 def test_a_bar_along_one_edge_is_kept_as_part_of_the_digit():
     seven = np.zeros((28, 28), np.uint8)
     seven[:4, :] = 255  # a tightly cropped 7: its bar runs along the top edge ...

@@ -44,6 +44,7 @@ MIN_CONTRAST = 0.15  # below this between background and brightest ink, the imag
 LINE_COVER = 0.9  # a row or column inked along this share of its length is a line (ruled paper, a bar) ...
 MIN_LINES = 2  # ... when there are at least this many such lines, apart from each other
 BAND_COVER = 0.5  # an edge band goes on inwards while its lines are inked along this share of their length
+UNEVEN = 0.05  # the sides of the border differ in level by this much: the background is evened out
 MIXED_BORDER = 0.2  # a border with more than this share on each side of the mid-level does not give the background
 LUMA = (0.299, 0.587, 0.114)
 
@@ -404,9 +405,36 @@ def fit_and_centre(ink: tf.Tensor, top: tf.Tensor, left: tf.Tensor, height: tf.T
                            [IMAGE_SIZE, IMAGE_SIZE, 1])
 
 
+BACKGROUND_SIDE, BACKGROUND_WINDOW = 32, 11  # the background is estimated at 32x32, with 11x11 filters
+
+
+def even_out_background(ink: tf.Tensor) -> tf.Tensor:
+    """White ink on a background whose level drifts across the image (a shadow, uneven light, fog) -> the
+    same on a flat background: the image less its morphological opening (a minimum then a maximum filter
+    wider than any stroke, a third of the image: the white top-hat), estimated on a BACKGROUND_SIDE copy
+    (the background is smooth) and enlarged back, over what is left of the range there (in a shadow, ink and
+    paper are both darker). Only for images whose border's four sides differ in level
+    by UNEVEN or more; the rest (MNIST's digits among them) pass unchanged."""
+    sides = tf.stack([_median(ink[:, 0, :, 0]), _median(ink[:, -1, :, 0]), _median(ink[:, :, 0, 0]),
+                      _median(ink[:, :, -1, 0])], axis=1)
+    uneven = tf.reduce_max(sides, axis=1) - tf.reduce_min(sides, axis=1) >= UNEVEN
+
+    def flatten() -> tf.Tensor:
+        small = tf.image.resize(ink, [BACKGROUND_SIDE, BACKGROUND_SIDE], method="area")
+        eroded = -tf.nn.max_pool2d(-small, BACKGROUND_WINDOW, 1, "SAME")
+        opened = tf.nn.max_pool2d(eroded, BACKGROUND_WINDOW, 1, "SAME")
+        level = tf.image.resize(opened, tf.shape(ink)[1:3], method="bilinear")
+        brightest = tf.reduce_max(ink, axis=[1, 2, 3], keepdims=True)
+        # light falls on ink and paper alike: a shadow scales the range, so the range is scaled back
+        flat = tf.maximum(ink - level, 0.0) / tf.maximum(brightest - level, MIN_CONTRAST)
+        return tf.where(uneven[:, None, None, None], tf.minimum(flat, 1.0) * brightest, ink)
+
+    return tf.cond(tf.reduce_any(uneven), flatten, lambda: ink)
+
+
 def _ink(grey: tf.Tensor) -> tf.Tensor:
     """[n, h, w, 1] grey, any polarity -> white ink on black, stretched, lines removed."""
-    return remove_lines(stretch_contrast(to_mnist_polarity(grey)))
+    return remove_lines(stretch_contrast(even_out_background(to_mnist_polarity(grey))))
 
 
 def normalize(grey: tf.Tensor) -> tf.Tensor:
