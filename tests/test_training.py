@@ -1,5 +1,6 @@
 """A tiny training run, end to end: callbacks, export, reload, predictions on PNG bytes, versions, resume."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from tests.conftest import tiny_config
 from training import evaluate, export, preprocessing, train
+from training.config import Config
 from training.model import build_model
 
 
@@ -314,3 +316,14 @@ def test_a_run_always_finishes_its_schedule_and_keeps_its_last_weights(tmp_path,
     _, accuracy = model.evaluate(train.data.pipeline(train.data.load_split(cfg, "validation"), cfg, training=False),
                                  verbose=0)
     assert accuracy == pytest.approx(history["val_accuracy"][-1], abs=1e-6)  # the last epoch's weights, kept
+
+
+def test_the_model_card_states_the_augmentation_the_run_used():
+    from training import model_card
+
+    text = model_card.augmentation(dataclasses.asdict(Config(rotation_degrees=15, line_probability=0.1,
+                                                             outline_probability=0.0, noise_probability=0.2,
+                                                             impulse_max=0.25)))
+    assert "rotation ±15°" in text and "a straight stroke across on 10%" in text
+    assert "up to 25% of the pixels) on 20% of digits" in text and "outline" not in text
+    assert model_card.augmentation(dataclasses.asdict(Config(augment=False))) == "none"

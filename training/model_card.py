@@ -15,6 +15,26 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def augmentation(cfg: dict[str, Any]) -> str:
+    """The training augmentation as the config set it, each kind with its strength; kinds set to 0 left out."""
+    if not cfg.get("augment"):
+        return "none"
+    kinds = [
+        ("noise_probability", lambda c: f"gaussian noise or salt and pepper (up to {c.get('impulse_max', 0):.0%} of "
+                                        f"the pixels) on {c['noise_probability']:.0%} of digits, read back "
+                                        "through the serving graph"),
+        ("outline_probability", lambda c: f"hollow outlines on {c['outline_probability']:.0%}"),
+        ("rotation_degrees", lambda c: f"rotation ±{c['rotation_degrees']:g}°"),
+        ("shear_fraction", lambda c: f"shear ±{c['shear_fraction']:g}"),
+        ("shift_fraction", lambda c: f"shift ±{c['shift_fraction']:.0%}"),
+        ("zoom_fraction", lambda c: f"zoom ±{c['zoom_fraction']:.0%}"),
+        ("stroke_probability", lambda c: f"strokes 1 px thicker or thinner on {c['stroke_probability']:.0%}"),
+        ("occlusion_probability", lambda c: f"occluding bars on {c['occlusion_probability']:.0%}"),
+        ("line_probability", lambda c: f"a straight stroke across on {c['line_probability']:.0%}"),
+    ]
+    return "; ".join(text(cfg) for key, text in kinds if cfg.get(key, 0) > 0) or "none"
+
+
 def render(metrics: dict[str, Any], version: int, model_name: str = "mnist") -> str:
     cfg = metrics.get("config", {})
     test = metrics.get("test", {})
@@ -28,8 +48,6 @@ def render(metrics: dict[str, Any], version: int, model_name: str = "mnist") -> 
         calibration_text = (f"temperature {calibration['temperature']:.3f} fitted on the validation split; "
                             f"test ECE (15 bins) {_percent(after.get('ece_before'))} before, "
                             f"{_percent(after.get('ece_after'))} after")
-    augmentation = ("gaussian or salt-and-pepper noise read back through the serving graph, random rotation, "
-                    "shear, shift, zoom, stroke width and occluding bars" if cfg.get("augment") else "none")
     subset = f"the first {_count(cfg['train_subset'])}" if cfg.get("train_subset") else "all"
     return f"""# Model card: {model_name}, version {version}
 
@@ -39,7 +57,7 @@ Exported {datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")} wi
 ## What it is
 
 A convolutional network that reads one handwritten digit (0-9) from an image file. The SavedModel's
-`serving_default` signature takes the encoded bytes (PNG, JPEG, GIF, BMP; any size; grey, RGB or RGBA) and
+`serving_default` signature takes the encoded bytes (PNG, JPEG, GIF, BMP, WebP; any size; grey, RGB or RGBA) and
 returns `digit`, `probability` and all ten `probabilities`. Decoding and normalisation (polarity, contrast,
 cropping to the ink, MNIST's 20x20 box centred by centre of mass in 28x28) run inside the graph.
 
@@ -51,8 +69,9 @@ Network: conv1 ({cfg.get("conv1_filters")} filters) -> conv2_1 | conv2_2 ({cfg.g
 
 MNIST through tensorflow-datasets (`mnist` 3.0.1): {subset} of the 60,000 training images less the last
 {_count(cfg.get("validation_size"))} held out for validation (monitoring, calibration); the
-10,000 test images only for the figures below. Augmentation: {augmentation}.
-{cfg.get("epochs")} epochs, batch {cfg.get("batch_size")}, seed {cfg.get("seed")}, batch norm {cfg.get("batch_norm")},
+10,000 test images only for the figures below. Augmentation: {augmentation(cfg)}.
+{cfg.get("epochs")} epochs, batch {cfg.get("batch_size")}, label smoothing {cfg.get("label_smoothing", 0)}, \
+seed {cfg.get("seed")}, batch norm {cfg.get("batch_norm")},
 weight average {cfg.get("ema")}, trained in {metrics.get("training_precision", "float32")}; the export computes in \
 float32.
 
@@ -79,5 +98,6 @@ probability and send doubtful cases to a person.
   read less well than the figures above say; the probabilities are calibrated on MNIST, not on them.
 - One digit per image: an image with several digits or other marks is read as one digit, whatever it shows.
 - An image without ink (blank, or with too little contrast) is refused with INVALID_ARGUMENT, not guessed.
-- Images declaring more than 4096 pixels a side are refused before decoding.
+- Images declaring more than 4096 pixels a side, and GIFs whose frames hold more than 4096x4096 pixels in
+  all, are refused before decoding.
 """
