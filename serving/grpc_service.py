@@ -5,13 +5,18 @@ instead of a pool of threads that take turns at the GIL. Nothing here blocks the
 the batcher (or a thread pool without batching); the metadata and status calls only read.
 """
 
+import inspect
+
 import grpc
+from google.protobuf import message, message_factory
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_pb2,
+    model_service_pb2,
     model_service_pb2_grpc,
     predict_pb2,
+    prediction_service_pb2,
     prediction_service_pb2_grpc,
 )
 
@@ -125,6 +130,48 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
                             "HandleReloadConfigRequest is not implemented: restart the server with the new config")
 
 
+class _Malformed:
+    """What the deserializer hands a servicer for bytes that are not the request message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _parse(request_class):
+    def deserialize(data: bytes):
+        try:
+            return request_class.FromString(data)
+        except message.DecodeError as e:  # grpc would answer UNKNOWN and log a traceback for each such call
+            return _Malformed(e)
+    return deserialize
+
+
+def _guarded(name: str, behaviour):
+    async def call(request, context):
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"Malformed {name} request: the bytes are not its protobuf message ({request.error})")
+        result = behaviour(request, context)  # the servicer bases' UNIMPLEMENTED methods are not coroutines
+        return await result if inspect.isawaitable(result) else result
+    return call
+
+
+def _handler(service, servicer) -> grpc.GenericRpcHandler:
+    """The generated add_*_to_server, built from the service's descriptor, with a deserializer that turns
+    bytes that do not parse into INVALID_ARGUMENT instead of UNKNOWN."""
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _guarded(method.name, getattr(servicer, method.name)), request_deserializer=_parse(request_class),
+            response_serializer=response_class.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 def add_services(server: grpc.aio.Server, predictor: Predictor) -> None:
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(predictor), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor.manager), server)
+    server.add_generic_rpc_handlers((
+        _handler(prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"],
+                 PredictionService(predictor)),
+        _handler(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelService(predictor.manager)),
+    ))

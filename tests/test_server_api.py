@@ -227,6 +227,19 @@ def test_a_model_name_of_20000_characters_is_not_found_with_a_bounded_message(se
     assert_good_answer(server, stub, digits)
 
 
+@pytest.mark.parametrize("method", ["/tensorflow.serving.PredictionService/Predict",
+                                    "/tensorflow.serving.PredictionService/GetModelMetadata",
+                                    "/tensorflow.serving.ModelService/GetModelStatus"])
+def test_bytes_that_are_not_the_request_message_are_invalid_argument(server, stub, digits, method):
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as error:
+            call(b"\x0a\xff\xff\xff\xff\x0f garbage", timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Malformed" in error.value.details()
+    assert_good_answer(server, stub, digits)
+
+
 def test_grpc_oversized_request_is_resource_exhausted(server, stub, digits):
     with pytest.raises(grpc.RpcError) as error:
         stub.Predict(predict_request([b"\0" * (17 * 1024 * 1024)]), timeout=60)
