@@ -11,6 +11,7 @@ import re
 import socket
 import sys
 import threading
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -92,8 +93,25 @@ class RestServer(ThreadingHTTPServer):
 
 class RestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # so an answer to a request line we cannot read still has a status line
     server_version = "EmbeddedTFServing"
     server: RestServer
+
+    def parse_request(self) -> bool:
+        """The standard library's, less HTTP/0.9: a request line without a version ("GET /path") would have
+        its headers read until the client sends a blank line or the read times out, holding a thread."""
+        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if len(requestline.split()) == 2:
+            self.command, self.requestline, self.request_version = None, requestline, self.default_request_version
+            self.send_error(400, "HTTP/0.9 requests are not supported: send HTTP/1.0 or HTTP/1.1")
+            return False
+        return super().parse_request()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors the standard library finds (a request line it cannot read, an HTTP version it does not
+        speak, headers too long) in this server's JSON, like every other answer, instead of an HTML page."""
+        self.close_connection = True
+        self._send_error(code, message or HTTPStatus(code).phrase)
 
     def setup(self) -> None:
         self.timeout = self.server.timeout_seconds  # bounds a slow or stalled client, per socket read

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import socket
 
 import grpc
@@ -310,6 +311,25 @@ def test_rest_version_with_a_digit_python_reads_but_int_does_not_is_400(server, 
     answer = _raw_http(server, b"POST /v1/models/mnist/versions/\xb9:predict HTTP/1.1\r\nHost: x\r\n"
                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     assert answer.startswith(b"HTTP/1.1 400") and b"Version must be an integer" in answer
+    assert_good_answer(server, stub, digits)
+
+
+@pytest.mark.parametrize("request_line, status", [
+    (b"GARBAGE\r\n\r\n", b"400"),
+    (b"GET /v1/models/mnist HTTP/9.9\r\n\r\n", b"505"),
+    (b"GET /v1/models/mnist HTTP/x\r\n\r\n", b"400"),
+    (b"GET /v1/models/mnist\r\n", b"400"),  # HTTP/0.9: answered at once, not after the read timeout
+])
+def test_rest_request_lines_the_server_cannot_read_get_a_json_error_with_a_status_line(
+        server, stub, digits, request_line, status):
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=10) as sock:
+        sock.sendall(request_line)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + status) or head.startswith(b"HTTP/1.0 " + status), answer
+    assert json.loads(body)["error"]
     assert_good_answer(server, stub, digits)
 
 
