@@ -170,6 +170,23 @@ def _fingerprint(path: Path) -> tuple[int, int]:
 
 
 @dataclass
+class _Failure:
+    fingerprint: tuple[int, int]
+    failures: int
+    at: float
+    retrying: bool = False
+
+
+def _without_paths(message: str, *paths: Path) -> str:
+    """A load error as clients see it (GetModelStatus): the server's filesystem paths replaced by what they
+    are, the log keeps them."""
+    for path in paths:
+        for form in {str(path.resolve()), str(path)}:
+            message = message.replace(form, "<model_base_path>" if path == paths[-1] else "<version>")
+    return message
+
+
+@dataclass
 class Model:
     name: str
     base_path: Path
@@ -177,7 +194,11 @@ class Model:
     labels: dict[str, int] = field(default_factory=dict)
     _servables: dict[int, Servable] = field(default_factory=dict)
     _status: dict[int, VersionStatus] = field(default_factory=dict)
-    _failed: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # TF Serving's --max_num_load_retries and --load_retry_interval_micros: a version that fails to load (its
+    # variables still being copied, say) is tried again this many times, this long apart, on later polls
+    max_load_retries: int = 5
+    load_retry_interval_seconds: float = 60.0
+    _failed: dict[int, "_Failure"] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _wanted(self, candidates: set[int]) -> set[int]:
@@ -190,13 +211,18 @@ class Model:
 
     def poll(self) -> None:
         on_disk = scan_versions(self.base_path)
+        now = time.monotonic()
         for version in list(self._failed):
-            if version not in on_disk or _fingerprint(on_disk[version]) != self._failed[version]:
-                del self._failed[version]
+            failure = self._failed[version]
+            if version not in on_disk or _fingerprint(on_disk[version]) != failure.fingerprint:
+                del self._failed[version]  # changed on disk: a fresh start, with its own retries
+            elif failure.failures <= self.max_load_retries and now - failure.at >= self.load_retry_interval_seconds:
+                failure.retrying = True
         if not on_disk and not self._servables:
             log.warning("No versions of servable %s found under base path %s", self.name, self.base_path)
         while True:
-            wanted = self._wanted(set(on_disk) - set(self._failed))
+            waiting = {v for v, failure in self._failed.items() if not failure.retrying}
+            wanted = self._wanted(set(on_disk) - waiting)
             missing = sorted(wanted - set(self._servables), reverse=True)
             if not missing:
                 break
@@ -219,9 +245,15 @@ class Model:
         except Exception as e:
             code = e.code.value[0] if isinstance(e, ServingError) else grpc.StatusCode.UNKNOWN.value[0]
             message = f"Failed to load servable {self.name} version {version}: {e}"
-            log.error("%s", message)
-            self._failed[version] = _fingerprint(path) if path.exists() else (0, 0)
-            self._set_status(version, "END", code, message)
+            fingerprint = _fingerprint(path) if path.exists() else (0, 0)
+            previous = self._failed.get(version)
+            failures = previous.failures + 1 if previous and previous.fingerprint == fingerprint else 1
+            self._failed[version] = _Failure(fingerprint, failures, time.monotonic())
+            retry = (f"; retrying in {self.load_retry_interval_seconds:g} s "
+                     f"({failures} of {self.max_load_retries + 1} attempts)" if failures <= self.max_load_retries
+                     else "; no more retries until it changes on disk")
+            log.error("%s%s", message, retry)
+            self._set_status(version, "END", code, _without_paths(message, path, self.base_path))
             return
         with self._lock:
             self._servables[version] = servable
@@ -264,8 +296,11 @@ class Model:
 
 
 class ModelManager:
-    def __init__(self, models: list[Model], poll_wait_seconds: float = 1.0) -> None:
+    def __init__(self, models: list[Model], poll_wait_seconds: float = 1.0, max_load_retries: int = 5,
+                 load_retry_interval_seconds: float = 60.0) -> None:
         self.models = {model.name: model for model in models}
+        for model in models:
+            model.max_load_retries, model.load_retry_interval_seconds = max_load_retries, load_retry_interval_seconds
         self.poll_wait_seconds = poll_wait_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

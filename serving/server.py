@@ -15,6 +15,10 @@ Flags mirror tensorflow_model_server (both `--flag=value` and `--flag value`). D
   RESOURCE_EXHAUSTED, larger REST bodies 413, before anything is allocated for them.
 - `--rest_api_timeout_in_ms` bounds each socket read of a REST connection (a stalled client frees its thread).
 - `--file_system_poll_wait_seconds=0` loads the versions once at start and never polls again.
+- `--max_num_load_retries` (5) and `--load_retry_interval_micros` (60 s), as tensorflow_model_server's: a
+  version that fails to load is tried again on later polls, that many times that far apart (tensorflow_model_
+  server retries inside the load); a version that changes on disk starts afresh. Load errors shown to clients
+  (GetModelStatus) have the server's paths replaced by `<version>` and `<model_base_path>`.
 - SIGTERM and SIGINT stop accepting, drain in-flight requests for up to `--grace_period_seconds`, exit 0.
 - `--static_dir` (not in tensorflow_model_server): the drawing page's directory, served at / on the REST port
   (GET only; the files in it and nothing else; serving/static.py). Default: the repository's web/;
@@ -62,6 +66,8 @@ class ServerOptions:
     enable_batching: bool = False
     batching_parameters_file: str = ""
     file_system_poll_wait_seconds: float = 1.0
+    max_num_load_retries: int = 5
+    load_retry_interval_micros: int = 60_000_000
     monitoring_config_file: str = ""
     rest_api_timeout_in_ms: int = 30000
     tensorflow_intra_op_parallelism: int = 0
@@ -202,7 +208,8 @@ def start_server(options: ServerOptions) -> RunningServer:
         batcher = Batcher(batching, metrics.record_batch)
     for model in models:
         log.info("Model %s: base path %s", model.name, model.base_path)
-    manager = ModelManager(models, options.file_system_poll_wait_seconds)
+    manager = ModelManager(models, options.file_system_poll_wait_seconds, options.max_num_load_retries,
+                           options.load_retry_interval_micros / 1e6)
     manager.start()
     log.info("Models loaded; polling every %s s", options.file_system_poll_wait_seconds or "never (disabled)")
 

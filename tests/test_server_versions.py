@@ -114,3 +114,25 @@ def test_removed_version_is_unloaded(server, base, mnist_png_bytes):
     with pytest.raises(grpc.RpcError) as error:
         stub.Predict(request, timeout=30)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_version_whose_variables_arrive_late_is_loaded_by_a_retry(model_base_path, tmp_path, mnist_png_bytes):
+    """Copying a version into place: the poll saw its directory and saved_model.pb before variables/ was
+    complete. Nothing in the version directory's own mtime or its saved_model.pb changes when the variables
+    arrive, so only a retry loads it (TF Serving: --max_num_load_retries, --load_retry_interval_micros)."""
+    base = tmp_path / "mnist"
+    base.mkdir()
+    shutil.copytree(model_base_path / "1", base / "1", ignore=shutil.ignore_patterns("variables"))
+    (base / "1" / "variables").mkdir()
+    running = start_test_server(base, file_system_poll_wait_seconds=0.1, max_num_load_retries=50,
+                                load_retry_interval_micros=300_000)
+    try:
+        wait_for(lambda: model_states(running).get(1, ("",))[0] == "END", what="the incomplete version to fail")
+        message = model_states(running)[1][1]
+        assert str(tmp_path) not in message and "version 1" in message  # no server paths for clients
+        for item in (model_base_path / "1" / "variables").iterdir():
+            shutil.copy2(item, base / "1" / "variables" / item.name)
+        wait_for(lambda: model_states(running).get(1, ("",))[0] == "AVAILABLE", what="a retry to load it")
+        assert served_version(prediction_stub(running), mnist_png_bytes[0][0]) == 1
+    finally:
+        running.stop(grace_seconds=5)
