@@ -41,33 +41,33 @@ class Config:
     # Augmentation (training only).
     augment: bool = field(default=True, metadata={
         "help": "noise, random rotation, shear, shift, zoom, stroke width and occluding bars of training digits"})
-    rotation_degrees: float = 10.0
-    shear_fraction: float = 0.15
+    rotation_degrees: float = 15.0
+    shear_fraction: float = 0.25
     shift_fraction: float = 0.1
-    zoom_fraction: float = 0.1
+    zoom_fraction: float = 0.15
     stroke_probability: float = field(default=0.2, metadata={
         "help": "share of training digits drawn 1 px thicker or thinner (half each)"})
     occlusion_probability: float = field(default=0.2, metadata={
         "help": "share of training digits with parallel bars erased out of them (what is left of a digit "
                 "behind bars or after the serving graph removes ruled lines)"})
-    noise_probability: float = field(default=0.1, metadata={
+    noise_probability: float = field(default=0.2, metadata={
         "help": "share of training digits given gaussian noise or salt and pepper, then normalised as the "
                 "serving graph does"})
-    line_probability: float = field(default=0.0, metadata={
+    line_probability: float = field(default=0.1, metadata={
         "help": "share of training digits with a straight stroke drawn across them (a pen slip, a crossed-out "
                 "digit)"})
-    outline_probability: float = field(default=0.0, metadata={
+    outline_probability: float = field(default=0.05, metadata={
         "help": "share of training digits drawn as their outline (hollow strokes, as bubble writing)"})
-    impulse_max: float = field(default=0.08, metadata={
+    impulse_max: float = field(default=0.25, metadata={
         "help": "salt and pepper hits between 1% and this share of a noisy digit's pixels"})
 
     # Optimisation.
-    epochs: int = 24
+    epochs: int = 40
     batch_size: int = 128
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup_epochs: int = field(default=1, metadata={
         "help": "epochs of linear warm-up, step by step, before the cosine decay to 0 at the last step"})
-    label_smoothing: float = field(default=0.0, metadata={
+    label_smoothing: float = field(default=0.1, metadata={
         "help": "share of each target spread evenly over the 10 classes"})
     monitor: str = field(default="val_loss", metadata={
         "choices": MONITORS,
