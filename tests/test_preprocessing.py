@@ -129,6 +129,21 @@ def test_a_gif_whose_frames_exceed_the_limits_is_refused_before_decoding(frames)
         run(_gif((16, 16), frames))
 
 
+def test_a_png_chunk_longer_than_the_file_is_refused_before_decoding(digit):
+    """A 1 KB PNG whose tEXt chunk declared 2^31 - 1 bytes made the decoder allocate 2 GB before it gave up."""
+    image, _ = digit
+    good = encode(image, "PNG")
+
+    def chunk(kind: bytes, body: bytes, declared: int) -> bytes:
+        return struct.pack(">I", declared) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    text = b"Comment\0written on a tablet"
+    honest = good[:33] + chunk(b"tEXt", text, len(text)) + good[33:]  # after IHDR, as encoders put it
+    np.testing.assert_array_equal(run(honest), run(good))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="PNG chunk declares"):
+        run(good[:33] + chunk(b"tEXt", text, 2**31 - 1) + good[33:])
+
+
 def test_formats_whose_size_is_not_read_are_refused_unread():
     jxl = b"\xff\x0a" + bytes(64)  # a JPEG XL codestream's signature (TF 2.21 decodes JPEG XL)
     with pytest.raises(tf.errors.InvalidArgumentError, match="PNG, JPEG, GIF, BMP or WebP expected"):

@@ -7,7 +7,7 @@ and serving cannot drift apart. Steps for one image:
    `extract_jpeg_shape`) and refuse more than MAX_SIDE pixels per side before decoding anything, so a
    20 KB PNG declaring 13000x13000 pixels costs nothing; other formats are refused unread; a GIF's frames are
    read from their own descriptors (a 16x16 screen may hold an 8000x8000 frame) and bounded one by one and
-   in all;
+   in all; a PNG's chunks must each fit in the file (one declaring 2 GB in a 1 KB file was allocated);
 2. decode: PNG as RGBA (so transparency is known), every other format `tf.io.decode_image` reads as RGB
    (three channels: one channel fails on GIF, BMP and CMYK JPEG);
 3. shrink to at most WORK_SIDE pixels per side with area averaging while still uint8, so a large photo
@@ -173,6 +173,30 @@ def check_size(image_bytes: tf.Tensor) -> tf.Tensor:
         return tf.identity(image_bytes)
 
 
+def check_png_chunks(image_bytes: tf.Tensor) -> tf.Tensor:
+    """The bytes, unchanged, once every chunk of the PNG has been found to fit in the file: a 1 KB PNG whose
+    tEXt chunk declared 2^31 - 1 bytes made the decoder allocate 2 GB before it gave up. One step a chunk
+    (a 28x28 PNG has three or four)."""
+    data = tf.io.decode_raw(image_bytes, tf.uint8)
+    size = tf.cast(tf.shape(data)[0], tf.int64)
+
+    def length_at(pos):  # a chunk's declared data length, big-endian, at pos (0 past the end)
+        window = tf.cast(tf.pad(data, [[0, 8]])[pos:pos + 4], tf.int64)
+        return ((window[0] * 256 + window[1]) * 256 + window[2]) * 256 + window[3]
+
+    def step(pos, worst):
+        length = length_at(pos)
+        return pos + 12 + length, tf.maximum(worst, pos + 12 + length - size)
+
+    def going(pos, worst):
+        return tf.logical_and(pos + 12 <= size, worst <= 0)
+
+    _, overrun = tf.while_loop(going, step, (tf.constant(8, tf.int64), tf.constant(0, tf.int64)))
+    message = tf.strings.format("PNG chunk declares {} bytes more than the file holds", overrun)
+    with tf.control_dependencies([tf.debugging.Assert(overrun <= 0, [message])]):
+        return tf.identity(image_bytes)
+
+
 def check_gif_frames(image_bytes: tf.Tensor) -> tf.Tensor:
     """The bytes, unchanged, once a GIF's frames have been checked: each within MAX_SIDE per side, and all of
     them, at their own size (giflib holds each) and at the logical screen's (the decoder's output holds every
@@ -203,7 +227,7 @@ def _shrink(image: tf.Tensor) -> tf.Tensor:
 def decode_rgba(image_bytes: tf.Tensor) -> tf.Tensor:
     """Encoded bytes -> float32 RGBA [h, w, 4] in [0, 1], at most WORK_SIDE per side."""
     def png():
-        return _shrink(tf.io.decode_png(image_bytes, channels=4))
+        return _shrink(tf.io.decode_png(check_png_chunks(image_bytes), channels=4))
 
     def other():
         rgb = tf.io.decode_image(check_gif_frames(image_bytes), channels=3, expand_animations=False)
