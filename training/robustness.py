@@ -480,7 +480,7 @@ def plot_mnist_c(results: list[dict[str, Any]], out: Path) -> None:
     ax.set_xlim(max(0.0, min(accuracies) - 0.05), 1.005)
     ax.invert_yaxis()
     ax.set_xlabel("accuracy (28x28 PNG through serving_default)")
-    ax.set_title("MNIST-C: families training never saw (blue) and those its augmentation applies (grey)")
+    ax.set_title("MNIST-C: families training never saw (blue), seen by its augmentation (grey)", fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
