@@ -142,6 +142,15 @@ def test_a_png_chunk_longer_than_the_file_is_refused_before_decoding(digit):
     np.testing.assert_array_equal(run(honest), run(good))
     with pytest.raises(tf.errors.InvalidArgumentError, match="PNG chunk declares"):
         run(good[:33] + chunk(b"tEXt", text, 2**31 - 1) + good[33:])
+    # The walk ends at IEND: what follows it, as some tools append, is not read as chunks.
+    np.testing.assert_array_equal(run(good + chunk(b"tEXt", text, 2**31 - 1)), run(good))
+    # 12-byte empty chunks by the hundred thousand would keep the walk going for seconds: refused by count.
+    flood = good[:33] + chunk(b"tEXt", b"", 0) * (preprocessing.MAX_PNG_CHUNKS + 1) + good[33:]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"more than {preprocessing.MAX_PNG_CHUNKS} chunks"):
+        run(flood)
+    # A file of zeros after the signature has no chunk type: left to the decoder, which refuses it.
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        run(b"\x89PNG\r\n\x1a\n" + b"\0" * (1 << 20))
 
 
 def test_formats_whose_size_is_not_read_are_refused_unread():

@@ -7,7 +7,8 @@ and serving cannot drift apart. Steps for one image:
    `extract_jpeg_shape`) and refuse more than MAX_SIDE pixels per side before decoding anything, so a
    20 KB PNG declaring 13000x13000 pixels costs nothing; other formats are refused unread; a GIF's frames are
    read from their own descriptors (a 16x16 screen may hold an 8000x8000 frame) and bounded one by one and
-   in all; a PNG's chunks must each fit in the file (one declaring 2 GB in a 1 KB file was allocated);
+   in all; a PNG's chunks up to IEND must each fit in the file (one declaring 2 GB in a 1 KB file was
+   allocated), and there may be at most MAX_PNG_CHUNKS of them;
 2. decode: PNG as RGBA (so transparency is known), every other format `tf.io.decode_image` reads as RGB
    (three channels: one channel fails on GIF, BMP and CMYK JPEG);
 3. shrink to at most WORK_SIDE pixels per side with area averaging while still uint8, so a large photo
@@ -46,6 +47,7 @@ MIN_LINES = 2  # ... when there are at least this many such lines, apart from ea
 BAND_COVER = 0.5  # an edge band goes on inwards while its lines are inked along this share of their length
 UNEVEN = 0.05  # the sides of the border differ in level by this much: the background is evened out
 MIXED_BORDER = 0.2  # a border with more than this share on each side of the mid-level does not give the background
+MAX_PNG_CHUNKS = 8192  # libpng writes 8 KB IDAT chunks (2048 in a 16 MB request); an encoder writing a row a chunk, 4096
 LUMA = (0.299, 0.587, 0.114)
 
 
@@ -174,26 +176,34 @@ def check_size(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 def check_png_chunks(image_bytes: tf.Tensor) -> tf.Tensor:
-    """The bytes, unchanged, once every chunk of the PNG has been found to fit in the file: a 1 KB PNG whose
-    tEXt chunk declared 2^31 - 1 bytes made the decoder allocate 2 GB before it gave up. One step a chunk
-    (a 28x28 PNG has three or four)."""
-    data = tf.io.decode_raw(image_bytes, tf.uint8)
-    size = tf.cast(tf.shape(data)[0], tf.int64)
+    """The bytes, unchanged, once every chunk of the PNG up to IEND has been found to fit in the file: a 1 KB
+    PNG whose tEXt chunk declared 2^31 - 1 bytes made the decoder allocate 2 GB before it gave up. One step a
+    chunk (a 28x28 PNG has three or four), each reading 8 bytes; the walk stops at IEND or at a chunk type that
+    is not four ASCII letters (libpng refuses those itself), and more than MAX_PNG_CHUNKS chunks are refused,
+    so 16 MB of 12-byte chunks cannot keep a request in the loop."""
+    size = tf.cast(tf.strings.length(image_bytes), tf.int64)
 
-    def length_at(pos):  # a chunk's declared data length, big-endian, at pos (0 past the end)
-        window = tf.cast(tf.pad(data, [[0, 8]])[pos:pos + 4], tf.int64)
-        return ((window[0] * 256 + window[1]) * 256 + window[2]) * 256 + window[3]
+    def head_at(pos):  # a chunk's declared data length (big-endian) and its type's four bytes
+        head = tf.cast(tf.io.decode_raw(tf.strings.substr(image_bytes, pos, 8), tf.uint8), tf.int64)
+        return ((head[0] * 256 + head[1]) * 256 + head[2]) * 256 + head[3], head[4:8]
 
-    def step(pos, worst):
-        length = length_at(pos)
-        return pos + 12 + length, tf.maximum(worst, pos + 12 + length - size)
+    def step(pos, worst, count, ended):
+        length, kind = head_at(pos)
+        upper = kind - (kind // 32 % 2) * 32  # letters folded to upper case
+        letters = tf.reduce_all(tf.logical_and(upper >= 65, upper <= 90))
+        ended = tf.logical_or(tf.logical_not(letters), tf.reduce_all(tf.equal(kind, [73, 69, 78, 68])))  # IEND
+        worst = tf.where(letters, tf.maximum(worst, pos + 12 + length - size), worst)
+        return pos + 12 + length, worst, count + 1, ended
 
-    def going(pos, worst):
-        return tf.logical_and(pos + 12 <= size, worst <= 0)
+    def going(pos, worst, count, ended):
+        return tf.reduce_all([pos + 12 <= size, worst <= 0, count <= MAX_PNG_CHUNKS, tf.logical_not(ended)])
 
-    _, overrun = tf.while_loop(going, step, (tf.constant(8, tf.int64), tf.constant(0, tf.int64)))
+    zero = tf.constant(0, tf.int64)
+    _, overrun, chunks, _ = tf.while_loop(going, step, (tf.constant(8, tf.int64), zero, zero, tf.constant(False)))
     message = tf.strings.format("PNG chunk declares {} bytes more than the file holds", overrun)
-    with tf.control_dependencies([tf.debugging.Assert(overrun <= 0, [message])]):
+    too_many = f"PNG has more than {MAX_PNG_CHUNKS} chunks"
+    with tf.control_dependencies([tf.debugging.Assert(overrun <= 0, [message]),
+                                  tf.debugging.Assert(chunks <= MAX_PNG_CHUNKS, [too_many])]):
         return tf.identity(image_bytes)
 
 
