@@ -16,6 +16,7 @@ import numpy as np
 
 from serving.batching import Batcher
 from serving.errors import ServingError
+from serving.limits import RequestLimits
 from serving.metrics import Metrics
 from serving.models import DEFAULT_SIGNATURE, ModelManager, Servable
 
@@ -30,8 +31,9 @@ class PredictResult:
 
 class Predictor:
     def __init__(self, manager: ModelManager, batcher: Batcher | None, metrics: Metrics,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, limits: RequestLimits | None = None) -> None:
         self.manager, self.batcher, self.metrics = manager, batcher, metrics
+        self.limits = limits or RequestLimits()  # images and pixels a request may hold (serving/limits.py)
         self.executor = executor  # predict_async without batching: where the signature runs
 
     @contextmanager
@@ -76,11 +78,12 @@ class Predictor:
                                                                            signature_name, inputs)
             return self._result(servable, signature_name, outputs, output_filter)
 
-    @staticmethod
-    def _check(servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
+    def _check(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
                output_filter: list[str] | None) -> int | None:
-        """Validates inputs and output filter; returns the batch size (None: cannot be merged)."""
+        """Validates inputs, the request's bounds and the output filter; returns the batch size (None: cannot be
+        merged)."""
         batch_size = servable.check_inputs(signature_name, inputs)
+        self.limits.check(inputs)
         if output_filter:
             known = servable.output_names(signature_name)
             unknown = sorted(set(output_filter) - set(known))

@@ -47,7 +47,7 @@ MIN_LINES = 2  # ... when there are at least this many such lines, apart from ea
 BAND_COVER = 0.5  # an edge band goes on inwards while its lines are inked along this share of their length
 UNEVEN = 0.05  # the sides of the border differ in level by this much: the background is evened out
 MIXED_BORDER = 0.2  # a border with more than this share on each side of the mid-level does not give the background
-MAX_PNG_CHUNKS = 8192  # libpng writes 8 KB IDAT chunks (2048 in a 16 MB request); an encoder writing a row a chunk, 4096
+MAX_PNG_CHUNKS = 8192  # libpng writes 8 KB IDAT chunks (2048 in a 16 MB request); a chunk a row, 4096
 LUMA = (0.299, 0.587, 0.114)
 
 
