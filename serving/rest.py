@@ -49,6 +49,7 @@ class RestServer(ThreadingHTTPServer):
         self._inflight = 0
         self._idle = threading.Condition()
         self._connections: set[socket.socket] = set()
+        self._late: set[socket.socket] = set()  # taken from the backlog at stop: their request is served
         super().__init__(address, RestHandler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -80,6 +81,33 @@ class RestServer(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def answer_backlog(self) -> None:
+        """Takes the connections the kernel accepted that serve_forever did not (it has stopped): closing the
+        listening socket would reset them. Each one's first request is served as usual, on its own thread,
+        and answered with `Connection: close`; wait_idle counts them."""
+        self.socket.setblocking(False)
+        while True:
+            try:
+                conn, addr = self.get_request()
+            except OSError:  # BlockingIOError: the backlog is empty
+                break
+            with self._idle:
+                self._late.add(conn)
+            self.track(1)
+            threading.Thread(target=self._answer_late, args=(conn, addr), name="rest-late", daemon=True).start()
+
+    def _answer_late(self, conn: socket.socket, addr: Any) -> None:
+        try:
+            self.process_request_thread(conn, addr)  # ThreadingMixIn: serve, handle errors, close
+        finally:
+            with self._idle:
+                self._late.discard(conn)
+            self.track(-1)
+
+    def accepted_before_stop(self, conn: socket.socket) -> bool:
+        with self._idle:
+            return conn in self._late
 
     def track(self, delta: int) -> None:
         with self._idle:
@@ -164,7 +192,8 @@ class RestHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self.server.track(1)
         try:
-            if self.server.draining:  # a request on a kept-alive connection while stopping
+            if self.server.draining and not self.server.accepted_before_stop(self.request):
+                # a request on a kept-alive connection while stopping
                 self.close_connection = True
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down")
             self._route()

@@ -19,7 +19,8 @@ Flags mirror tensorflow_model_server (both `--flag=value` and `--flag value`). D
   version that fails to load is tried again on later polls, that many times that far apart (tensorflow_model_
   server retries inside the load); a version that changes on disk starts afresh. Load errors shown to clients
   (GetModelStatus) have the server's paths replaced by `<version>` and `<model_base_path>`.
-- SIGTERM and SIGINT stop accepting, drain in-flight requests for up to `--grace_period_seconds`, exit 0.
+- SIGTERM and SIGINT stop accepting, drain in-flight requests for up to `--grace_period_seconds` (REST
+  connections already waiting in the listen backlog included: served, not reset), exit 0.
 - `--max_images_per_request` (4096) and `--max_pixels_per_request` (16 x 4096^2, as the images' headers declare
   them), not in tensorflow_model_server: a request over either gets INVALID_ARGUMENT / 400 before it is batched
   (serving/limits.py); 0 turns a bound off.
@@ -181,6 +182,7 @@ class RunningServer:
         if self.rest:
             self.rest.draining = True
             self.rest.shutdown()
+            self.rest.answer_backlog()
             self.rest.server_close()
             if not self.rest.wait_idle(grace_seconds):
                 log.warning("REST requests still running after the grace period")

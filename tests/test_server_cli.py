@@ -122,3 +122,26 @@ def test_stop_ends_kept_alive_connections_instead_of_serving_them(model_base_pat
         conn.request("GET", "/v1/models/mnist")
         conn.getresponse()
     conn.close()
+
+
+def test_a_request_waiting_in_the_listen_backlog_at_stop_gets_its_answer(model_base_path, mnist_png_bytes):
+    """A connection the kernel accepted before the stop but the server had not yet taken was reset when the
+    listening socket closed (one REST request in three at SIGTERM, under load)."""
+    import base64
+    import json
+    import socket
+
+    from tests.test_server_support import start_test_server
+
+    server = start_test_server(model_base_path)
+    server.rest.shutdown()  # the accept loop ends, as it does first at SIGTERM; the socket still listens
+    body = json.dumps({"instances": [{"b64": base64.b64encode(mnist_png_bytes[0][0]).decode()}]}).encode()
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=60) as conn:
+        conn.sendall(b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        server.stop(grace_seconds=10)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"Connection: close" in answer and json.loads(answer.split(b"\r\n\r\n", 1)[1])["predictions"]
