@@ -153,6 +153,22 @@ def test_a_png_chunk_longer_than_the_file_is_refused_before_decoding(digit):
         run(b"\x89PNG\r\n\x1a\n" + b"\0" * (1 << 20))
 
 
+def test_a_jpeg_of_more_scans_than_allowed_is_refused_before_decoding(digit):
+    """libjpeg decodes a progressive JPEG scan by scan: its last scan repeated 1,000 times took 11 s."""
+    image, _ = digit
+    buffer = io.BytesIO()
+    Image.fromarray(np.kron(255 - image, np.ones((8, 8), np.uint8))).save(buffer, "JPEG", progressive=True)
+    progressive = buffer.getvalue()
+    scans = progressive.count(b"\xff\xda")
+    assert 1 < scans < preprocessing.MAX_JPEG_SCANS
+    assert run(progressive).shape == (1, 28, 28, 1)  # a progressive JPEG as encoders write it is read
+    last, end = progressive.rindex(b"\xff\xda"), progressive.rindex(b"\xff\xd9")
+    repeated = progressive[:end] + progressive[last:end] * (preprocessing.MAX_JPEG_SCANS + 1 - scans) + b"\xff\xd9"
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=f"JPEG holds {preprocessing.MAX_JPEG_SCANS + 1} scans; the limit is"):
+        run(repeated)
+
+
 def test_formats_whose_size_is_not_read_are_refused_unread():
     jxl = b"\xff\x0a" + bytes(64)  # a JPEG XL codestream's signature (TF 2.21 decodes JPEG XL)
     with pytest.raises(tf.errors.InvalidArgumentError, match="PNG, JPEG, GIF, BMP or WebP expected"):

@@ -8,7 +8,7 @@ and serving cannot drift apart. Steps for one image:
    20 KB PNG declaring 13000x13000 pixels costs nothing; other formats are refused unread; a GIF's frames are
    read from their own descriptors (a 16x16 screen may hold an 8000x8000 frame) and bounded one by one and
    in all; a PNG's chunks up to IEND must each fit in the file (one declaring 2 GB in a 1 KB file was
-   allocated), and there may be at most MAX_PNG_CHUNKS of them;
+   allocated), and there may be at most MAX_PNG_CHUNKS of them; a JPEG may hold at most MAX_JPEG_SCANS scans;
 2. decode: PNG as RGBA (so transparency is known), every other format `tf.io.decode_image` reads as RGB
    (three channels: one channel fails on GIF, BMP and CMYK JPEG);
 3. shrink to at most WORK_SIDE pixels per side with area averaging while still uint8, so a large photo
@@ -47,6 +47,7 @@ MIN_LINES = 2  # ... when there are at least this many such lines, apart from ea
 BAND_COVER = 0.5  # an edge band goes on inwards while its lines are inked along this share of their length
 UNEVEN = 0.05  # the sides of the border differ in level by this much: the background is evened out
 MIXED_BORDER = 0.2  # a border with more than this share on each side of the mid-level does not give the background
+MAX_JPEG_SCANS = 100  # a progressive JPEG from libjpeg (Pillow) holds about 10
 MAX_PNG_CHUNKS = 8192  # libpng writes 8 KB IDAT chunks (2048 in a 16 MB request); a chunk a row, 4096
 LUMA = (0.299, 0.587, 0.114)
 
@@ -225,6 +226,22 @@ def check_gif_frames(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.cond(tf.equal(tf.strings.substr(image_bytes, 0, 4), b"GIF8"), check, lambda: image_bytes)
 
 
+def check_jpeg_scans(image_bytes: tf.Tensor) -> tf.Tensor:
+    """The bytes, unchanged, once a JPEG has been found to hold at most MAX_JPEG_SCANS scans: libjpeg decodes a
+    progressive JPEG scan by scan over the whole image, and one whose last scan was repeated 1,000 times
+    (889 KB) took 11 s. Scans are counted by their SOS markers (0xFF 0xDA: inside entropy-coded data an 0xFF is
+    always followed by 0x00 or a restart marker). Other formats pass unread."""
+    def check() -> tf.Tensor:
+        data = tf.io.decode_raw(image_bytes, tf.uint8)
+        scans = tf.reduce_sum(tf.cast(tf.logical_and(tf.equal(data[:-1], 0xFF), tf.equal(data[1:], 0xDA)),
+                                      tf.int32))
+        message = tf.strings.format("JPEG holds {} scans; the limit is {}", (scans, MAX_JPEG_SCANS))
+        with tf.control_dependencies([tf.debugging.Assert(scans <= MAX_JPEG_SCANS, [message])]):
+            return tf.identity(image_bytes)
+
+    return tf.cond(tf.equal(tf.strings.substr(image_bytes, 0, 2), b"\xff\xd8"), check, lambda: image_bytes)
+
+
 def _shrink(image: tf.Tensor) -> tf.Tensor:
     """uint8 [h, w, c] -> float32 in [0, 1], area-averaged down to at most WORK_SIDE per side."""
     shape = tf.shape(image)
@@ -240,7 +257,8 @@ def decode_rgba(image_bytes: tf.Tensor) -> tf.Tensor:
         return _shrink(tf.io.decode_png(check_png_chunks(image_bytes), channels=4))
 
     def other():
-        rgb = tf.io.decode_image(check_gif_frames(image_bytes), channels=3, expand_animations=False)
+        rgb = tf.io.decode_image(check_jpeg_scans(check_gif_frames(image_bytes)), channels=3,
+                                  expand_animations=False)
         rgb = _shrink(tf.ensure_shape(rgb, [None, None, 3]))
         return tf.concat([rgb, tf.ones_like(rgb[..., :1])], axis=-1)
 
