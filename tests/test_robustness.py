@@ -128,11 +128,14 @@ def test_mnist_c_summary_keeps_the_families_training_saw_apart():
 
 
 def test_the_families_a_model_saw_follow_its_training_config():
-    default = robustness.seen_in_training(dataclasses.asdict(Config()))
-    assert set(default) == {"shot_noise", "impulse_noise", "shear", "scale", "rotate", "translate"}
-    lines = robustness.seen_in_training(dataclasses.asdict(Config(line_probability=0.1, rotation_degrees=0)))
-    assert set(lines) == set(default) - {"rotate"} | {"dotted_line", "zigzag"}
+    plain = dataclasses.asdict(Config(line_probability=0, outline_probability=0))
+    affine_and_noise = {"shot_noise", "impulse_noise", "shear", "scale", "rotate", "translate"}
+    assert set(robustness.seen_in_training(plain)) == affine_and_noise
+    assert set(robustness.seen_in_training(dataclasses.asdict(Config()))) == (
+        affine_and_noise | {"dotted_line", "zigzag", "canny_edges"})  # the default draws lines and outlines
+    lines = dataclasses.asdict(Config(line_probability=0.1, outline_probability=0, rotation_degrees=0))
+    assert set(robustness.seen_in_training(lines)) == affine_and_noise - {"rotate"} | {"dotted_line", "zigzag"}
     assert robustness.seen_in_training(dataclasses.asdict(Config(augment=False))) == {}
     assert set(robustness.seen_in_training({})) == set(robustness.MNIST_C_AUGMENTATIONS)  # unknown: all it may have
-    before_lines = {k: v for k, v in dataclasses.asdict(Config()).items() if k != "line_probability"}
-    assert set(robustness.seen_in_training(before_lines)) == set(default)  # a setting that did not exist yet
+    before_lines = {k: v for k, v in plain.items() if k != "line_probability"}
+    assert set(robustness.seen_in_training(before_lines)) == affine_and_noise  # a setting that did not exist yet
