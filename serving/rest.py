@@ -152,11 +152,19 @@ class RestHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        if self.close_connection or self.server.draining:
+        if self.close_connection or self.server.draining or self._body_unread():
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
+
+    def _body_unread(self) -> bool:
+        """A body the request declared and the answer did not need (a GET with a body, a POST refused before its
+        body was read) is still on the connection: read as the next request, it would be answered as one
+        (request smuggling behind a keep-alive proxy). Such a connection is closed after the answer."""
+        if self.body_read or not hasattr(self, "headers"):
+            return False
+        return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() != "0"
 
     def _send_json(self, status: int, payload: Any) -> None:
         self._send(status, json.dumps(payload, indent=None).encode())
@@ -190,6 +198,7 @@ class RestHandler(BaseHTTPRequestHandler):
         return super().handle_expect_100()
 
     def _dispatch(self) -> None:
+        self.body_read = False
         self.server.track(1)
         try:
             if self.server.draining and not self.server.accepted_before_stop(self.request):
@@ -232,9 +241,10 @@ class RestHandler(BaseHTTPRequestHandler):
         name, label, verb = match["name"], match["label"], match["verb"]
         version = None
         if match["version"] is not None:
-            if not (match["version"].isascii() and match["version"].isdigit()):
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Version must be an integer: {match['version']}")
-            version = int(match["version"])
+            text = match["version"]
+            if not (text.isascii() and text.isdigit() and len(text) <= 19 and int(text) < 2**63):
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Version must be an integer (int64): {text}")
+            version = int(text)
         if verb:
             self._require("POST")
             if verb != "predict":
@@ -266,6 +276,7 @@ class RestHandler(BaseHTTPRequestHandler):
         if length is None:
             return
         raw = self.rfile.read(length)
+        self.body_read = True
         if len(raw) < length:
             raise ConnectionError("client closed before sending the whole body")
         try:
