@@ -6,6 +6,7 @@ h2load and wrk are used when installed, else the harness falls back to its Pytho
 
 import json
 import math
+import os
 
 import pytest
 
@@ -94,3 +95,122 @@ def test_training_benchmark_passes_its_own_options_only_to_itself():
 
     argv = ["--epochs", "3", "--baseline", "466d904", "--out=x.json", "--data-dir", "d", "--steps", "5"]
     assert without_options(argv, ("--baseline", "--out", "--data-dir")) == ["--epochs", "3", "--steps", "5"]
+
+
+# ------------------------------------------------------------------------------------------- bench/fuzz.py
+
+@pytest.fixture(scope="module")
+def fuzz_results(model_base_path, data_dir, tmp_path_factory):
+    """A short fuzzing run (batching on) against the session's tiny model: about 15 s with the server start."""
+    from bench import fuzz
+
+    out = tmp_path_factory.mktemp("fuzz") / "fuzz.json"
+    code = fuzz.main(["--model", str(model_base_path), "--data-dir", data_dir, "--cases", "240",
+                      "--batching", "on", "--no-large-images", "--concurrency", "2", "--seed", "0",
+                      "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert code == (0 if results["ok"] else 1)
+    return results
+
+
+def test_fuzzer_covers_every_family_and_checks_the_server_before_and_after(fuzz_results):
+    phase, = fuzz_results["phases"]
+    assert phase["batching"] is True and phase["cases"] >= 200
+    for family in ("rest", "grpc", "image"):
+        tally = phase["by_family"][family]
+        assert tally["cases"] >= 40, family
+        assert any(label.endswith(" OK") or label.startswith("HTTP 200") for label in tally["outcomes"]), tally
+        assert any("400" in label or "INVALID_ARGUMENT" in label for label in tally["outcomes"]), tally
+    assert all(d is not None and 0 <= d <= 9 for d in phase["control_digits"])
+    assert not [g for g in phase["failures"] if g["family"] == "check"]  # the digits answered at start and end
+    memory = phase["memory"]
+    assert memory["rss_start_mb"] > 0 and memory["samples"]
+    assert memory["rss_start_mb"] - 50 <= memory["rss_max_mb"] <= memory["peak_hwm_mb"] + 1  # VmHWM: the peak
+    assert phase["server_exit_code"] is None and phase["server_stopped_with"] == 0
+
+
+def test_fuzzer_finds_no_failure(fuzz_results):
+    phase, = fuzz_results["phases"]
+    assert phase["failures"] == [] and fuzz_results["ok"]
+
+
+def test_fuzzer_reports_5xx_internal_and_missing_answers(mnist_test_arrays):
+    """Against a broken server (REST 500 to everything, gRPC INTERNAL to every call) every family fails."""
+    import threading
+    from concurrent import futures
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import grpc
+
+    from bench import fuzz
+
+    class Broken(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def fail(self):
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = fail
+
+        def log_message(self, *args):
+            pass
+
+    class Internal(grpc.GenericRpcHandler):
+        def service(self, details):
+            def fail(request, context):
+                context.abort(grpc.StatusCode.INTERNAL, "broken on purpose")
+            return grpc.unary_unary_rpc_method_handler(fail)
+
+    rest = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=rest.serve_forever, daemon=True).start()
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(4))
+    grpc_server.add_generic_rpc_handlers((Internal(),))
+    grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    target = fuzz.Target(rest.server_address[1], grpc_port, os.getpid())
+    try:
+        material = fuzz.Material.from_digits(mnist_test_arrays[0][:4], large=False)
+        summary = fuzz.run_phase(target, material, fuzz.Settings(concurrency=2, timeout=10),
+                                 fuzz.Budget(seconds=20, cases=90), progress=lambda message: None)
+    finally:
+        target.close()
+        rest.shutdown()
+        grpc_server.stop(0)
+    failed = {(g["family"], g["failure"]) for g in summary["failures"]}
+    assert ("rest", "HTTP 500") in failed and ("image", "HTTP 500") in failed
+    assert ("grpc", "gRPC INTERNAL") in failed and ("image", "gRPC INTERNAL") in failed
+    assert {g["kind"] for g in summary["failures"] if g["family"] == "check"} == {"start", "end"}
+    assert summary["failure_count"] >= 30
+    example = next(g for g in summary["failures"] if g["failure"] == "HTTP 500")["examples"][0]["input"]
+    assert example["bytes"] > 0 and example["head"].startswith("b'")  # a reproducer: the input's first bytes
+
+
+def test_fuzzer_classifies_answers():
+    from bench import fuzz
+
+    assert [fuzz.http_failure(s) for s in (200, 400, 404, 413, 431, 501, 505)] == [None] * 7
+    assert [fuzz.http_failure(s) for s in (500, 502, 503, 504)] == ["HTTP 500", "HTTP 502", "HTTP 503", "HTTP 504"]
+    assert [fuzz.grpc_failure(c) for c in ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED",
+                                           "UNIMPLEMENTED", "FAILED_PRECONDITION")] == [None] * 6
+    assert all(fuzz.grpc_failure(c) for c in ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED", "DATA_LOSS"))
+    # Two answers on one connection (the second the valid request sent after a kept-alive one), then garbage.
+    raw = (b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"
+           b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}garbage")
+    answers, unreadable = fuzz.parse_answers(raw)
+    assert [a.status for a in answers] == [404, 200] and unreadable
+
+
+def test_image_mutations_are_reproducible_and_small(mnist_test_arrays):
+    import random
+
+    from bench import fuzz
+
+    material = fuzz.Material.from_digits(mnist_test_arrays[0][:2], large=False)
+    first = [fuzz.mutate_image(random.Random(7), material) for _ in range(3)]
+    again = [fuzz.mutate_image(random.Random(7), material) for _ in range(3)]
+    assert first == again
+    made = [fuzz.mutate_image(random.Random(seed), material) for seed in range(300)]
+    assert len({data for data, _ in made}) > 250 and max(len(data) for data, _ in made) < 2**20
+    assert any(note.startswith("png") and "png " in note for _, note in made)  # chunk and IHDR changes happen
