@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import struct
-import zlib
 
 import grpc
 import numpy as np
@@ -12,19 +10,11 @@ import pytest
 import tensorflow as tf
 
 from serving.limits import declared_pixels
+from tests.test_preprocessing import png_declaring
 from tests.test_server_support import predict_request, prediction_stub, rest, start_test_server
 
 MAX_IMAGES = 8
 MAX_PIXELS = 3 * 1000 * 1000
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A 1 KB PNG that declares width x height pixels (its data is not that large: the bound reads headers)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-            + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
