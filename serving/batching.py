@@ -124,17 +124,23 @@ class Batcher:
             task.done = threading.Event()
             self._enqueue(task)
             task.done.wait()
-        if task.error:
-            raise task.error
-        return task.outputs
+        error, outputs = task.error, task.outputs
+        del task  # raised from here, the error's traceback holds this frame: it must not hold the task
+        if error:
+            raise error.detached()
+        return outputs
 
     async def run_async(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
                         size: int) -> dict[str, np.ndarray]:
         self._check_size(size)
         task = _Task(servable, signature_name, inputs, size)
-        task.future = asyncio.get_running_loop().create_future()
+        task.future = future = asyncio.get_running_loop().create_future()
         self._enqueue(task)
-        return await task.future
+        del task  # as in run(): the error raised here must not lead back to the task through this frame
+        try:
+            return await future
+        finally:
+            del future
 
     def queued(self) -> int:
         """Requests waiting for a batch slot."""
@@ -205,6 +211,7 @@ class Batcher:
                     self._running -= 1
                     self._cond.notify()
                 self._finish(batch)
+                del batch  # not kept while waiting for the next one: its tasks hold their requests
 
     @staticmethod
     def _finish(batch: list[_Task]) -> None:
@@ -243,7 +250,7 @@ class Batcher:
             if e.code == grpc.StatusCode.INVALID_ARGUMENT:
                 return self._run_each(batch)
             for task in batch:
-                task.error = e
+                task.error = e.detached()
             return
         if any(value.ndim == 0 or value.shape[0] != padded for value in outputs.values()):
             return self._run_each(batch)  # outputs not batch-major: merging was not safe
@@ -265,8 +272,8 @@ class Batcher:
     def _run_alone(task: _Task) -> None:
         try:
             task.outputs = task.servable.run(task.signature_name, task.inputs)
-        except ServingError as e:
-            task.error = e
+        except ServingError as e:  # kept on the task: detached, or its traceback would lead back to the task
+            task.error = e.detached()
 
     def stop(self) -> None:
         """Finish what is queued, then end the worker threads."""

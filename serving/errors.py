@@ -29,6 +29,15 @@ class ServingError(Exception):
         self.code = code
         self.message = message
 
+    def detached(self) -> "ServingError":
+        """The same status and message as a new error, with no traceback, cause or context: an error kept
+        after its handler has ended (on a batch task, re-raised by the waiting thread) must not lead back to
+        the frames that raised it, which hold the request (a reference cycle that only the collector frees)."""
+        error = ServingError.__new__(ServingError)
+        Exception.__init__(error, self.message)
+        error.code, error.message = self.code, self.message
+        return error
+
     @property
     def http_status(self) -> int:
         return _HTTP_STATUS.get(self.code, 500)

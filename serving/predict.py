@@ -17,6 +17,7 @@ import numpy as np
 from serving.batching import Batcher
 from serving.errors import ServingError
 from serving.limits import RequestLimits
+from serving.memory import Trimmer, input_bytes
 from serving.metrics import Metrics
 from serving.models import DEFAULT_SIGNATURE, ModelManager, Servable
 
@@ -31,8 +32,10 @@ class PredictResult:
 
 class Predictor:
     def __init__(self, manager: ModelManager, batcher: Batcher | None, metrics: Metrics,
-                 executor: Executor | None = None, limits: RequestLimits | None = None) -> None:
+                 executor: Executor | None = None, limits: RequestLimits | None = None,
+                 trimmer: Trimmer | None = None) -> None:
         self.manager, self.batcher, self.metrics = manager, batcher, metrics
+        self.trimmer = trimmer  # told each request's size: gives the heap back after bursts of large ones
         self.limits = limits or RequestLimits()  # images and pixels a request may hold (serving/limits.py)
         self.executor = executor  # predict_async without batching: where the signature runs
 
@@ -58,25 +61,35 @@ class Predictor:
         signature_name = signature_name or DEFAULT_SIGNATURE
         with self._serving(model_name, version, label, api) as servable:
             inputs = get_inputs(servable, signature_name)
-            batch_size = self._check(servable, signature_name, inputs, output_filter)
-            if self.batcher and batch_size:
-                outputs = self.batcher.run(servable, signature_name, inputs, batch_size)
-            else:
-                outputs = servable.run(signature_name, inputs)
-            return self._result(servable, signature_name, outputs, output_filter)
+            try:
+                batch_size = self._check(servable, signature_name, inputs, output_filter)
+                if self.batcher and batch_size:
+                    outputs = self.batcher.run(servable, signature_name, inputs, batch_size)
+                else:
+                    outputs = servable.run(signature_name, inputs)
+                return self._result(servable, signature_name, outputs, output_filter)
+            finally:
+                self._ended(inputs)
 
     async def predict_async(self, model_name: str, version: int | None, label: str | None, signature_name: str,
                             inputs: dict[str, np.ndarray], output_filter: list[str] | None = None,
                             api: str = "grpc") -> PredictResult:
         signature_name = signature_name or DEFAULT_SIGNATURE
-        with self._serving(model_name, version, label, api) as servable:
-            batch_size = self._check(servable, signature_name, inputs, output_filter)
-            if self.batcher and batch_size:
-                outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size)
-            else:
-                outputs = await asyncio.get_running_loop().run_in_executor(self.executor, servable.run,
-                                                                           signature_name, inputs)
-            return self._result(servable, signature_name, outputs, output_filter)
+        try:
+            with self._serving(model_name, version, label, api) as servable:
+                batch_size = self._check(servable, signature_name, inputs, output_filter)
+                if self.batcher and batch_size:
+                    outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size)
+                else:
+                    outputs = await asyncio.get_running_loop().run_in_executor(self.executor, servable.run,
+                                                                               signature_name, inputs)
+                return self._result(servable, signature_name, outputs, output_filter)
+        finally:
+            self._ended(inputs)
+
+    def _ended(self, inputs: dict[str, np.ndarray]) -> None:
+        if self.trimmer:
+            self.trimmer.note(input_bytes(inputs))
 
     def _check(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
                output_filter: list[str] | None) -> int | None:

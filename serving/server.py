@@ -48,6 +48,7 @@ from serving import configs
 from serving.batching import Batcher, BatchingOptions
 from serving.grpc_service import add_services
 from serving.limits import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS, RequestLimits
+from serving.memory import Trimmer
 from serving.metrics import Metrics
 from serving.models import Model, ModelManager
 from serving.predict import Predictor
@@ -164,8 +165,9 @@ async def _start_grpc(predictor: Predictor, address: str) -> tuple[grpc.aio.Serv
 
 class RunningServer:
     def __init__(self, manager: ModelManager, batcher: Batcher | None, grpc_server: grpc.aio.Server, grpc_port: int,
-                 rest: RestServer | None, metrics: Metrics, executor: futures.Executor | None = None) -> None:
-        self.manager, self.batcher, self.metrics = manager, batcher, metrics
+                 rest: RestServer | None, metrics: Metrics, executor: futures.Executor | None = None,
+                 trimmer: Trimmer | None = None) -> None:
+        self.manager, self.batcher, self.metrics, self.trimmer = manager, batcher, metrics, trimmer
         self.grpc_server, self.grpc_port = grpc_server, grpc_port
         self._executor = executor
         self.rest = rest
@@ -195,6 +197,8 @@ class RunningServer:
             self.batcher.stop()
         if self._executor:
             self._executor.shutdown(wait=False)
+        if self.trimmer:
+            self.trimmer.stop()
         self.manager.stop()
         log.info("Stopped")
 
@@ -223,7 +227,8 @@ def start_server(options: ServerOptions) -> RunningServer:
 
     executor = None if batcher else futures.ThreadPoolExecutor(PREDICT_THREADS, thread_name_prefix="predict")
     limits = RequestLimits(options.max_images_per_request, options.max_pixels_per_request)
-    predictor = Predictor(manager, batcher, metrics, executor, limits)
+    trimmer = Trimmer().start()  # heap that large requests freed, given back once a burst of them is over
+    predictor = Predictor(manager, batcher, metrics, executor, limits, trimmer)
     started = asyncio.run_coroutine_threadsafe(_start_grpc(predictor, f"{options.host}:{options.port}"),
                                                grpc_event_loop())
     grpc_server, grpc_port = started.result()
@@ -237,7 +242,7 @@ def start_server(options: ServerOptions) -> RunningServer:
         if options.static_dir:
             log.info("Drawing page at http://%s:%d/ (from %s)", options.host, rest.server_address[1],
                      options.static_dir)
-    server = RunningServer(manager, batcher, grpc_server, grpc_port, rest, metrics, executor)
+    server = RunningServer(manager, batcher, grpc_server, grpc_port, rest, metrics, executor, trimmer)
     print(f"listening grpc_port={server.grpc_port} rest_port={server.rest_port}", flush=True)
     return server
 

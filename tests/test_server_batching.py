@@ -113,3 +113,48 @@ def test_a_client_that_gives_up_does_not_disturb_its_batch(server, expected):
     assert batch_stats(server) == (calls_before + 1, images_before + BATCH)
     assert tf.make_ndarray(stub.Predict(predict_request(images[:BATCH]), timeout=120).outputs["digit"]).shape == (
         BATCH,)
+
+
+@pytest.mark.parametrize("timeout_micros", [0, 1000], ids=["on the caller's thread", "on a batch thread"])
+def test_a_refused_request_leaves_nothing_of_itself_behind_in_the_batcher(model_base_path, timeout_micros):
+    """The error a batch stored on its task led back to the task through its traceback, and so did the frame
+    that re-raised it: each refused request's inputs (and the REST body or gRPC request above them) stayed
+    until the cyclic collector ran (the soak: 4.1 GB with batching, docs/soak.md)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from serving.batching import Batcher, BatchingOptions
+    from serving.errors import ServingError
+    from serving.models import Servable
+
+    servable = Servable("mnist", 1, model_base_path / "1")
+    batcher = Batcher(BatchingOptions(max_batch_size=8, batch_timeout_micros=timeout_micros, num_batch_threads=1))
+
+    def refused() -> tuple[dict, weakref.ref]:
+        inputs = {"image_bytes": np.array([b"not an image" * 1000], dtype=object)}
+        return inputs, weakref.ref(inputs["image_bytes"])
+
+    async def ask_async(inputs) -> grpc.StatusCode:
+        try:
+            await batcher.run_async(servable, "serving_default", inputs, 1)
+        except ServingError as e:
+            return e.code
+
+    gc.collect()
+    gc.disable()  # the collector would free them later: the test is that nothing waits for it
+    try:
+        inputs, alive = refused()
+        with pytest.raises(ServingError) as error:
+            batcher.run(servable, "serving_default", inputs, 1)
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and "image" in error.value.message
+        del inputs, error
+        assert alive() is None, "a refused request's inputs outlived it (run)"
+
+        inputs, alive = refused()
+        assert asyncio.run(ask_async(inputs)) == grpc.StatusCode.INVALID_ARGUMENT
+        del inputs
+        assert alive() is None, "a refused request's inputs outlived it (run_async)"
+    finally:
+        gc.enable()
+        batcher.stop()
