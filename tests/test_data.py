@@ -125,6 +125,26 @@ def test_training_pipeline_shuffles_and_augments():
     assert x.shape == (40, 28, 28, 1)
 
 
+def test_the_augmentation_share_is_read_at_each_batch_and_leaves_the_geometry_alone(mnist_test_arrays):
+    images, labels = mnist_test_arrays[0][:64], np.arange(64)  # each digit known by its label after shuffling
+    cfg = Config(batch_size=64, rotation_degrees=0, shear_fraction=0, shift_fraction=0, zoom_fraction=0,
+                 outline_probability=1.0, noise_probability=0, stroke_probability=1.0, occlusion_probability=1.0,
+                 line_probability=1.0)
+    share = tf.Variable(1.0)
+    ds = data.pipeline(tf.data.Dataset.from_tensor_slices((images, labels)), cfg, training=True, share=share)
+    plain = {int(y): x for x, y in zip(images.astype(np.float32) / 255.0, labels)}
+
+    def changed() -> float:  # share of the digits that differ from their plain selves
+        (x, y), = list(ds)
+        return np.mean([not np.array_equal(img, plain[int(label)]) for img, label in zip(x.numpy(), y.numpy())])
+
+    assert changed() == 1.0
+    share.assign(0.0)  # the same dataset, iterated again: the variable is read at run time, not traced
+    assert changed() == 0.0
+    share.assign(1.0)
+    assert changed() == 1.0
+
+
 def test_samples_are_the_test_digits_as_png_files(tmp_path, data_dir, mnist_test_arrays):
     from training.samples import write_samples
 

@@ -327,3 +327,18 @@ def test_the_model_card_states_the_augmentation_the_run_used():
     assert "rotation ±15°" in text and "a straight stroke across on 10%" in text
     assert "up to 25% of the pixels) on 20% of digits" in text and "outline" not in text
     assert model_card.augmentation(dataclasses.asdict(Config(augment=False))) == "none"
+    assert "the last 8 epochs geometric only" in model_card.augmentation(dataclasses.asdict(Config(plain_epochs=8)))
+
+
+def test_the_plain_finish_turns_the_other_augmentations_off_for_the_last_epochs_even_after_a_resume(
+        tmp_path, data_dir):
+    share = tf.Variable(1.0)
+    finish = train.PlainFinish(share, Config(epochs=5, plain_epochs=2))
+    seen = []
+    for epoch in (0, 1, 2, 3, 4, 2):  # the last: a run resumed at epoch 2 after a kill in the plain finish
+        finish.on_epoch_begin(epoch)
+        seen.append(float(share.numpy()))
+    assert seen == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    cfg = tiny_config(tmp_path, data_dir, train_subset=256, validation_size=128, epochs=2, batch_size=64,
+                      augment=True, plain_epochs=1)
+    assert len(train.fit(cfg).history.history["loss"]) == 2

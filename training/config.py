@@ -58,6 +58,9 @@ class Config:
                 "digit)"})
     outline_probability: float = field(default=0.05, metadata={
         "help": "share of training digits drawn as their outline (hollow strokes, as bubble writing)"})
+    plain_epochs: int = field(default=0, metadata={
+        "help": "the last N epochs augment geometrically only (rotation, shear, shift, zoom): no noise, outlines, "
+                "stroke width, bars or lines while the rate is low"})
     impulse_max: float = field(default=0.25, metadata={
         "help": "salt and pepper hits between 1% and this share of a noisy digit's pixels"})
 

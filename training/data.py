@@ -199,9 +199,14 @@ def to_unit_float(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(image, tf.float32) / 255.0
 
 
+def never(probability) -> bool:
+    """A share known, before tracing, to pick no digit (a tensor share may change between epochs)."""
+    return isinstance(probability, (int, float)) and probability <= 0
+
+
 def random_stroke_width(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
     """Draws a share of the digits with strokes one pixel thicker (3x3 dilation) or thinner (erosion)."""
-    if probability <= 0:
+    if never(probability):
         return images
     u = tf.random.uniform([tf.shape(images)[0]], seed=seed)
     picked = tf.where(u < probability)  # only these are pooled
@@ -219,7 +224,7 @@ def random_occlusion(images: tf.Tensor, probability: float, seed: int) -> tf.Ten
     """Erases parallel bars (1-2 px wide every 5-9 px, horizontal or vertical, random phase) out of a share
     of the digits: the network learns to read a digit with gaps, which is what an occluded digit, or one
     whose ruled lines the serving graph removed (`preprocessing.remove_lines`), looks like."""
-    if probability <= 0:
+    if never(probability):
         return images
     n, side = tf.shape(images)[0], tf.shape(images)[1]
     period = tf.random.uniform([n, 1], *OCCLUSION_PERIODS, dtype=tf.int32, seed=seed)
@@ -241,7 +246,7 @@ def random_noise(images: tf.Tensor, probability: float, seed: int, impulse_max: 
     them to 8 bits as a file holds them, and reads them back through the serving graph's normalisation
     (`preprocessing.normalize_batch`): what a noisy scan or photo looks like to the network, noise cut to the ink's
     box by the graph. Clean MNIST digits always have ink, so the graph's "no ink" checks never fire here."""
-    if probability <= 0:
+    if never(probability):
         return images
     chosen = tf.random.uniform([tf.shape(images)[0]], seed=seed) < probability
     picked = tf.boolean_mask(images, chosen)
@@ -299,7 +304,7 @@ LINE_WIDTHS = (1.0, 2.5)  # pixels
 def random_line(images: tf.Tensor, probability: float, seed: int) -> tf.Tensor:
     """Draws one straight stroke, 1-2.5 px wide at full ink, between two random points of the image over a
     share of the digits: a pen slip, a digit crossed out, a line of a form through the writing."""
-    if probability <= 0:
+    if never(probability):
         return images
     n, side = tf.shape(images)[0], tf.cast(tf.shape(images)[1], tf.float32)
     ends = tf.random.uniform([n, 4], 2.0, side - 2.0, seed=seed)  # x0, y0, x1, y1
@@ -319,7 +324,7 @@ def random_outline(images: tf.Tensor, probability: float, seed: int) -> tf.Tenso
     """Draws a share of the digits as their outline: the 1 px ring around the strokes, hollow inside (bubble
     writing, an edge map of a photo), read back through the serving graph's normalisation, which fits the
     ring's box as it would a file's."""
-    if probability <= 0:
+    if never(probability):
         return images
     chosen = tf.random.uniform([tf.shape(images)[0]], seed=seed) < probability
     picked = tf.cast(tf.boolean_mask(images, chosen) > 0.5, tf.float32)
@@ -327,32 +332,37 @@ def random_outline(images: tf.Tensor, probability: float, seed: int) -> tf.Tenso
     return tf.tensor_scatter_nd_update(images, tf.where(chosen), preprocessing.normalize_batch(ring))
 
 
-def augmenter(cfg: Config):
+def augmenter(cfg: Config, share: tf.Variable | None = None):
     """Outlines, noise, random rotation, shear, shift, zoom, stroke width, occluding bars and strokes across the
-    digit of a batch: the kinds of variation
-    handwriting and its photos have (no flips: a flipped digit is another symbol or none)."""
+    digit of a batch: the kinds of variation handwriting and its photos have (no flips: a flipped digit is
+    another symbol or none). `share`, read at each batch, scales the probabilities of all but the geometric
+    ones (0 in the plain finish, `PlainFinish`)."""
+
+    def p(probability: float):
+        return probability if share is None or probability <= 0 else probability * share
 
     def augment(images: tf.Tensor) -> tf.Tensor:
         # first, on digits that have ink; op seeds: outline +30, noise +10 to +16, affine +20 to +25,
         # lines +40 to +42, the others +4 to +9
-        images = random_outline(images, cfg.outline_probability, cfg.seed + 30)
-        images = random_noise(images, cfg.noise_probability, cfg.seed + 10, cfg.impulse_max)
+        images = random_outline(images, p(cfg.outline_probability), cfg.seed + 30)
+        images = random_noise(images, p(cfg.noise_probability), cfg.seed + 10, cfg.impulse_max)
         images = random_affine(images, cfg, cfg.seed + 20)
-        images = random_stroke_width(images, cfg.stroke_probability, cfg.seed + 4)
-        images = random_occlusion(images, cfg.occlusion_probability, cfg.seed + 5)
-        return random_line(images, cfg.line_probability, cfg.seed + 40)
+        images = random_stroke_width(images, p(cfg.stroke_probability), cfg.seed + 4)
+        images = random_occlusion(images, p(cfg.occlusion_probability), cfg.seed + 5)
+        return random_line(images, p(cfg.line_probability), cfg.seed + 40)
 
     return augment
 
 
-def pipeline(ds: tf.data.Dataset, cfg: Config, training: bool) -> tf.data.Dataset:
-    """Decoded, cached, shuffled (training), batched, augmented (training) and prefetched."""
+def pipeline(ds: tf.data.Dataset, cfg: Config, training: bool, share: tf.Variable | None = None) -> tf.data.Dataset:
+    """Decoded, cached, shuffled (training), batched, augmented (training; `share` as in `augmenter`) and
+    prefetched."""
     ds = ds.map(lambda x, y: (to_unit_float(x), y), num_parallel_calls=tf.data.AUTOTUNE).cache()
     if training:
         ds = ds.shuffle(10_000, seed=cfg.seed, reshuffle_each_iteration=True)
     ds = ds.batch(cfg.batch_size, num_parallel_calls=tf.data.AUTOTUNE)
     if training and cfg.augment:
-        augment = augmenter(cfg)
+        augment = augmenter(cfg, share)
         ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -32,7 +32,10 @@ def augmentation(cfg: dict[str, Any]) -> str:
         ("occlusion_probability", lambda c: f"occluding bars on {c['occlusion_probability']:.0%}"),
         ("line_probability", lambda c: f"a straight stroke across on {c['line_probability']:.0%}"),
     ]
-    return "; ".join(text(cfg) for key, text in kinds if cfg.get(key, 0) > 0) or "none"
+    text = "; ".join(text(cfg) for key, text in kinds if cfg.get(key, 0) > 0) or "none"
+    if cfg.get("plain_epochs", 0) > 0 and text != "none":
+        text += f"; the last {cfg['plain_epochs']} epochs geometric only (rotation, shear, shift, zoom)"
+    return text
 
 
 def render(metrics: dict[str, Any], version: int, model_name: str = "mnist") -> str:

@@ -136,6 +136,19 @@ class AdamWAverage(keras.optimizers.AdamW):
                 average.assign_sub(keras.ops.cast(rate, var.dtype) * (average - var))
 
 
+class PlainFinish(keras.callbacks.Callback):
+    """Sets the share of the non-geometric augmentations (`data.augmenter`) at each epoch's start: 1 until the
+    last `plain_epochs`, then 0. Keyed on the epoch number, so a run resumed by BackupAndRestore continues
+    with the share its epoch had."""
+
+    def __init__(self, share: tf.Variable, cfg: Config):
+        super().__init__()
+        self.share, self.first_plain = share, cfg.epochs - cfg.plain_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.share.assign(0.0 if epoch >= self.first_plain else 1.0)
+
+
 class BatchNormForAverage(keras.callbacks.Callback):
     """Keras averages only trainable variables (`use_ema`), so the batch-norm statistics in the model are
     those of the raw weights' activations. Placed after SwapEMAWeights, this re-estimates them for the
@@ -152,7 +165,7 @@ class BatchNormForAverage(keras.callbacks.Callback):
         refresh_batch_norm(self.model, self.images, self.forward)
 
 
-def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
+def callbacks(cfg: Config, run_dir: Path, share: tf.Variable | None = None) -> list[keras.callbacks.Callback]:
     backup = run_dir / "backup"
     resuming = backup.exists() and any(backup.iterdir())
     if resuming:
@@ -168,6 +181,7 @@ def callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
           if cfg.ema and cfg.batch_norm else []),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=cfg.monitor, save_best_only=True),
         LogLearningRate(),
+        *([PlainFinish(share, cfg)] if share is not None else []),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
     ]
@@ -237,7 +251,8 @@ def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
         raise ValueError(f"--monitor must be one of {', '.join(MONITORS)}, not {cfg.monitor!r}")
     seed_everything(cfg)
     strategy = make_strategy(cfg)
-    train = data.pipeline(data.load_split(cfg, "train"), cfg, training=True)
+    share = tf.Variable(1.0, trainable=False, name="augmentation_share") if cfg.plain_epochs > 0 else None
+    train = data.pipeline(data.load_split(cfg, "train"), cfg, training=True, share=share)
     validation = data.pipeline(data.load_split(cfg, "validation"), cfg, training=False)
     precision = resolve_precision(cfg.precision)
     with strategy.scope():
@@ -253,7 +268,7 @@ def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.fit(train, validation_data=validation, epochs=cfg.epochs, verbose=cfg.verbose,
-              callbacks=callbacks(cfg, run_dir) + list(extra_callbacks or []))
+              callbacks=callbacks(cfg, run_dir, share) + list(extra_callbacks or []))
     return model
 
 
