@@ -17,15 +17,15 @@ An answer is right if it is a digit for every image (HTTP 200 / OK) or a 400 / I
 request counters must agree. The plateau test: the least-squares slope of RSS after the pause, over the last
 half of the rounds, in MB per round, is at most --max-slope.
 
-Candidate fixes are measured without touching serving/ (docs/soak.md has the runs):
+The fixes the soak found now live in serving/ (docs/soak.md has the runs before and after): a refused
+request leaves no reference cycle (serving/batching.py, serving/grpc_service.py), and the heap that large
+requests freed is given back once a burst of them is over (serving/memory.py). The launcher that patched them
+into the server for the first measurements no longer does; it remains for --mallopt and --probe. Other
+server settings can still be tried without touching serving/:
 - `--server-env KEY=VALUE`: the server's environment (MALLOC_ARENA_MAX=2, MALLOC_MMAP_THRESHOLD_=1048576,
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2, ...);
-- the others run the server through this module's launcher (`python -m bench.soak serve <server flags>`), which
-  changes it the way a fix in serving/ would: `--mallopt M_MMAP_THRESHOLD=1048576` calls glibc's mallopt()
-  before TensorFlow loads; `--malloc-trim MB` calls malloc_trim(0) after every run of the signature whose
-  inputs hold at least MB (with `--trim-delay S`: on a thread, once no such run has ended for S seconds);
-  `--grpc-no-abort` answers gRPC errors with set_code/set_details instead of context.abort, whose AbortError
-  keeps the request in a reference cycle until the garbage collector's next full pass;
+- `--mallopt M_MMAP_THRESHOLD=1048576` runs the server through this module's launcher (`python -m bench.soak
+  serve <server flags>`), which calls glibc's mallopt() before TensorFlow loads;
 - `--probe` runs it through the launcher with tracemalloc on and, after each round, records the Python heap
   (what tracemalloc traces, the lines that grew most since the first round) and glibc's own accounts
   (mallinfo2: bytes in use, free bytes its arenas keep, bytes in mmapped chunks); `--server-env
@@ -35,7 +35,6 @@ Candidate fixes are measured without touching serving/ (docs/soak.md has the run
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import ctypes
 import http.client
@@ -65,16 +64,16 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from bench import serving as bench_serving
 from bench.serving import MODEL_NAME, SERVER_THREAD_FLAGS, ServerProcess, machine, sample_image, version_dir
-from serving.limits import DEFAULT_MAX_PIXELS
 from serving.rest import MAX_BODY_BYTES
 
 MAX_SIDE = 4096  # the graph's bound on a side (training/preprocessing.py MAX_SIDE)
+MAX_PIXELS = 16 * MAX_SIDE * MAX_SIDE  # the pixels a request may declare (16 images of the largest size)
+
 PAYLOAD_BYTES = 12_000_000  # encoded image bytes a request: base64 makes 16.0 MB of a REST body, under 16 MiB
 MAX_SLOPE_MB_PER_ROUND = 5.0  # "plateau": RSS over the last half of the rounds rises at most this much a round
 KINDS = ("png", "jpeg", "gif")
 STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads")
-PROBE_FILE_ENV, TRIM_ENV, NO_ABORT_ENV = "SOAK_PROBE_FILE", "SOAK_TRIM_MIN_BYTES", "SOAK_GRPC_NO_ABORT"
-MALLOPT_ENV, TRIM_DELAY_ENV, NO_CYCLES_ENV = "SOAK_MALLOPT", "SOAK_TRIM_DELAY_S", "SOAK_BATCHER_NO_CYCLES"
+PROBE_FILE_ENV, MALLOPT_ENV = "SOAK_PROBE_FILE", "SOAK_MALLOPT"
 # glibc's mallopt() parameters (malloc.h)
 MALLOPT_PARAMS = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_THRESHOLD": -3, "M_MMAP_MAX": -4,
                   "M_ARENA_TEST": -7, "M_ARENA_MAX": -8}
@@ -97,11 +96,7 @@ class Settings:
     max_slope: float = MAX_SLOPE_MB_PER_ROUND
     server_env: dict[str, str] = field(default_factory=dict)
     server_args: tuple[str, ...] = ()
-    malloc_trim_mb: float | None = None
-    trim_delay: float = 0.0
     mallopt: dict[str, int] = field(default_factory=dict)
-    grpc_no_abort: bool = False
-    batcher_no_cycles: bool = False
     probe: bool = False
     seed: int = 0
     label: str = ""
@@ -118,14 +113,7 @@ class Settings:
     def describe(self) -> str:
         parts = [f"batching {'on' if self.batching else 'off'}"]
         parts += [f"{key}={value}" for key, value in self.server_env.items()]
-        if self.malloc_trim_mb is not None:
-            parts.append(f"malloc_trim after >= {self.malloc_trim_mb:g} MB" +
-                         (f", {self.trim_delay:g} s after the last" if self.trim_delay else ""))
         parts += [f"mallopt({key}, {value})" for key, value in self.mallopt.items()]
-        if self.grpc_no_abort:
-            parts.append("gRPC errors without abort")
-        if self.batcher_no_cycles:
-            parts.append("batcher without cycles")
         if self.probe:
             parts.append("probe")
         parts += list(self.server_args)
@@ -222,7 +210,7 @@ def make_payload(kind: str, rng: np.random.Generator, settings: Settings) -> Pay
     tensor.string_val.extend(images)
     payload.grpc_request = request
     if (len(payload.rest_body) > MAX_BODY_BYTES or request.ByteSize() > MAX_BODY_BYTES
-            or payload.declared_pixels() > DEFAULT_MAX_PIXELS or max(max(s[-2:]) for s in shapes) > MAX_SIDE):
+            or payload.declared_pixels() > MAX_PIXELS or max(max(s[-2:]) for s in shapes) > MAX_SIDE):
         raise ValueError(f"payload out of the server's bounds: {payload.describe()}")
     return payload
 
@@ -313,25 +301,17 @@ def read_status(pid: int) -> dict[str, float]:
 
 def server_command(base: Path, settings: Settings, probe_file: Path | None) -> tuple[list[str], dict[str, str]]:
     """bench.serving's server command (batching per serving/batching.config, the Makefile's thread flags), with
-    batching turned off if asked, run through this module's launcher (`serve`) for the options that patch it,
+    batching turned off if asked, run through this module's launcher (`serve`) for --mallopt and --probe,
     and the environment variables it gets on top of this process's."""
     args = (*SERVER_THREAD_FLAGS, *(() if settings.batching else ("--enable_batching=false",)), *settings.server_args)
     command = bench_serving.server_command(base, bench_serving.Settings(settings.model, server_args=args))
     env = dict(settings.server_env)
-    if (settings.probe or settings.malloc_trim_mb is not None or settings.grpc_no_abort or settings.mallopt
-            or settings.batcher_no_cycles):
+    if settings.probe or settings.mallopt:
         command[1:3] = ["-m", "bench.soak", "serve"]
-        if settings.batcher_no_cycles:
-            env[NO_CYCLES_ENV] = "1"
         if settings.mallopt:
             env[MALLOPT_ENV] = ",".join(f"{key}={value}" for key, value in settings.mallopt.items())
-        if settings.grpc_no_abort:
-            env[NO_ABORT_ENV] = "1"
         if settings.probe:
             env[PROBE_FILE_ENV] = str(probe_file)
-        if settings.malloc_trim_mb is not None:
-            env[TRIM_ENV] = str(int(settings.malloc_trim_mb * 1e6))
-            env[TRIM_DELAY_ENV] = str(settings.trim_delay)
     return command, env
 
 
@@ -475,11 +455,7 @@ def soak(settings: Settings) -> dict:
                     "settings": {"rounds": settings.rounds, "concurrency": settings.concurrency,
                                  "batching": settings.batching, "payload_bytes": settings.payload_bytes,
                                  "pause_s": settings.pause, "idle_s": settings.idle, "seed": settings.seed,
-                                 "malloc_trim_mb": settings.malloc_trim_mb, "trim_delay_s": settings.trim_delay,
-                                 "mallopt": settings.mallopt,
-                                 "grpc_no_abort": settings.grpc_no_abort,
-                                 "batcher_no_cycles": settings.batcher_no_cycles,
-                                 "probe": settings.probe},
+                                 "mallopt": settings.mallopt, "probe": settings.probe},
                     "rounds": []}
     try:
         settings.progress(f"making {settings.variants or 2 * settings.concurrency} payloads of "
@@ -643,105 +619,15 @@ def store(out: Path, run: dict) -> None:
     out.write_text('{"runs": [\n' + lines + "\n]}\n")
 
 
-# ---- the launcher: the server with malloc_trim after large runs, or probed -----------------------------------
+# ---- the launcher: the server with mallopt() before TensorFlow loads, or probed -------------------------------
 
 class _Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _input_bytes(inputs: dict) -> int:
-    total = 0
-    for array in inputs.values():
-        array = np.asarray(array)
-        if array.dtype.kind == "O":
-            total += sum(len(item) for item in array.flat if isinstance(item, bytes))
-        else:
-            total += array.nbytes
-    return total
-
-
-class _Aborted(Exception):
-    """What the stand-in for context.abort raises: caught by the Predict wrapper, kept by nobody."""
-
-
-class _StatusContext:
-    """A gRPC servicer context whose abort() sets the status instead of raising grpc.aio's AbortError, which
-    the RPC state keeps (RPCState -> AbortError -> traceback -> the servicer's frames -> context -> RPCState):
-    a reference cycle that holds the request until the garbage collector's next full pass."""
-
-    def __init__(self, context) -> None:
-        self._context = context
-
-    def __getattr__(self, name: str):
-        return getattr(self._context, name)
-
-    async def abort(self, code, details: str = "", trailing_metadata=()) -> None:
-        self._context.set_code(code)
-        self._context.set_details(details)
-        raise _Aborted
-
-
-def patch_grpc_no_abort() -> None:
-    """Predict answers its errors with set_code/set_details: no AbortError, no cycle (whatever Predict's code)."""
-    from serving.grpc_service import PredictionService
-
-    original = PredictionService.Predict
-
-    async def predict(self, request, context):
-        try:
-            return await original(self, request, _StatusContext(context))
-        except _Aborted:
-            return None  # the status is set; grpc.aio sends no message with a status that is not OK
-
-    PredictionService.Predict = predict
-
-
-def patch_batcher_no_cycles() -> None:
-    """serving.batching without its two reference cycles around a refused request: the error a batch thread
-    stores on the task leads back to the task (its traceback, or that of the TensorFlow error in its
-    __context__, -> models.run's frame -> f_back, the batch thread's frame -> the task), and the waiting frame
-    that re-raises it holds the task (-> the error -> its traceback -> that frame). Both keep the request's
-    inputs, and the REST body or gRPC request above them, until the collector's next full pass."""
-    from serving import batching
-    from serving.errors import ServingError
-
-    def run_alone(task) -> None:
-        try:
-            task.outputs = task.servable.run(task.signature_name, task.inputs)
-        except ServingError as e:  # a fresh one: neither its traceback nor its context leads back to the task
-            task.error = ServingError(e.code, e.message)
-
-    def run(self, servable, signature_name, inputs, size):
-        self._check_size(size)
-        task = batching._Task(servable, signature_name, inputs, size)
-        if not self._run_inline(task):
-            task.done = threading.Event()
-            self._enqueue(task)
-            task.done.wait()
-        error, outputs = task.error, task.outputs
-        del task
-        if error:  # a fresh one again: this frame holds `error`, which must not hold this frame
-            raise ServingError(error.code, error.message)
-        return outputs
-
-    async def run_async(self, servable, signature_name, inputs, size):
-        self._check_size(size)
-        task = batching._Task(servable, signature_name, inputs, size)
-        task.future = future = asyncio.get_running_loop().create_future()
-        self._enqueue(task)
-        del task
-        try:
-            return await future
-        finally:
-            del future
-
-    batching.Batcher._run_alone = staticmethod(run_alone)
-    batching.Batcher.run, batching.Batcher.run_async = run, run_async
-
-
 def serve(argv: list[str]) -> int:
-    """serving.server.main(argv), with malloc_trim(0) after large runs ($SOAK_TRIM_MIN_BYTES) and, with
+    """serving.server.main(argv), with glibc's mallopt() called first ($SOAK_MALLOPT) and, with
     $SOAK_PROBE_FILE, tracemalloc on and accounts written to that file at each SIGUSR1."""
     libc = ctypes.CDLL("libc.so.6")
     for item in filter(None, os.environ.get(MALLOPT_ENV, "").split(",")):  # before TensorFlow loads
@@ -753,38 +639,8 @@ def serve(argv: list[str]) -> int:
         import tracemalloc
 
         tracemalloc.start(1)
-    from serving import models, server
+    from serving import server
 
-    trim_min = os.environ.get(TRIM_ENV)
-    if trim_min is not None:
-        original, threshold = models.Servable.run, int(trim_min)
-        delay = float(os.environ.get(TRIM_DELAY_ENV, "0"))
-        last_large = [None]  # monotonic time the last large run ended, until the trimmer has trimmed
-
-        def run(self, signature_name, inputs):
-            try:
-                return original(self, signature_name, inputs)
-            finally:
-                if _input_bytes(inputs) >= threshold:
-                    if delay:
-                        last_large[0] = time.monotonic()
-                    else:
-                        libc.malloc_trim(0)
-
-        def trimmer() -> None:  # once no large run has ended for `delay` seconds: the burst is over
-            while True:
-                time.sleep(min(delay, 0.25))
-                if last_large[0] is not None and time.monotonic() - last_large[0] >= delay:
-                    last_large[0] = None
-                    libc.malloc_trim(0)
-
-        models.Servable.run = run
-        if delay:
-            threading.Thread(target=trimmer, name="malloc-trim", daemon=True).start()
-    if os.environ.get(NO_ABORT_ENV):
-        patch_grpc_no_abort()
-    if os.environ.get(NO_CYCLES_ENV):
-        patch_batcher_no_cycles()
     if probe_file:
         libc.mallinfo2.restype = _Mallinfo2
         state = {"seq": 0, "first": None}
@@ -838,19 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the server (repeat), e.g. MALLOC_ARENA_MAX=2")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for serving.server (repeat)")
-    parser.add_argument("--malloc-trim", type=float, metavar="MB",
-                        help="launch the server with malloc_trim(0) after each signature run of at least MB")
-    parser.add_argument("--trim-delay", type=float, default=0.0, metavar="SECONDS",
-                        help="with --malloc-trim: trim on a thread once no such run has ended for SECONDS "
-                             "(0: at the end of each such run, on its thread)")
     parser.add_argument("--mallopt", action="append", default=[], metavar="PARAM=VALUE",
                         help="launch the server with glibc's mallopt(PARAM, VALUE) called before TensorFlow loads "
                              f"(repeat; PARAM one of {', '.join(MALLOPT_PARAMS)})")
-    parser.add_argument("--grpc-no-abort", action="store_true",
-                        help="launch the server with gRPC errors sent by set_code/set_details, not context.abort "
-                             "(whose AbortError keeps the request in a reference cycle)")
-    parser.add_argument("--batcher-no-cycles", action="store_true",
-                        help="launch the server with serving.batching's refused tasks kept out of reference cycles")
     parser.add_argument("--probe", action="store_true",
                         help="tracemalloc and glibc's mallinfo2 in the server after each round (slows it)")
     parser.add_argument("--seed", type=int, default=0)
@@ -871,10 +717,9 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds, concurrency=args.concurrency, pause=args.pause, idle=args.idle,
         payload_bytes=None if args.payload_mb is None else int(args.payload_mb * 1e6)).items() if value is not None}
     common = dict(batching=args.batching == "on", max_slope=args.max_slope, server_env=env,
-                  server_args=tuple(args.server_arg), malloc_trim_mb=args.malloc_trim, trim_delay=args.trim_delay,
+                  server_args=tuple(args.server_arg),
                   mallopt={key: int(value) for key, value in (item.split("=") for item in args.mallopt)},
-                  grpc_no_abort=args.grpc_no_abort, batcher_no_cycles=args.batcher_no_cycles, probe=args.probe,
-                  seed=args.seed, label=args.label, **overrides)
+                  probe=args.probe, seed=args.seed, label=args.label, **overrides)
     settings = Settings.smoke(args.model, **common) if args.smoke else Settings(args.model, **common)
     run = soak(settings)
     print(table(run))
