@@ -65,9 +65,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from bench import serving as bench_serving
 from bench.serving import MODEL_NAME, SERVER_THREAD_FLAGS, ServerProcess, machine, sample_image, version_dir
 from serving.rest import MAX_BODY_BYTES
-
-MAX_SIDE = 4096  # the graph's bound on a side (training/preprocessing.py MAX_SIDE)
-MAX_PIXELS = 16 * MAX_SIDE * MAX_SIDE  # the pixels a request may declare (16 images of the largest size)
+from training.preprocessing import MAX_CALL_PIXELS, MAX_SIDE
 
 PAYLOAD_BYTES = 12_000_000  # encoded image bytes a request: base64 makes 16.0 MB of a REST body, under 16 MiB
 MAX_SLOPE_MB_PER_ROUND = 5.0  # "plateau": RSS over the last half of the rounds rises at most this much a round
@@ -210,7 +208,7 @@ def make_payload(kind: str, rng: np.random.Generator, settings: Settings) -> Pay
     tensor.string_val.extend(images)
     payload.grpc_request = request
     if (len(payload.rest_body) > MAX_BODY_BYTES or request.ByteSize() > MAX_BODY_BYTES
-            or payload.declared_pixels() > MAX_PIXELS or max(max(s[-2:]) for s in shapes) > MAX_SIDE):
+            or payload.declared_pixels() > MAX_CALL_PIXELS or max(max(s[-2:]) for s in shapes) > MAX_SIDE):
         raise ValueError(f"payload out of the server's bounds: {payload.describe()}")
     return payload
 

@@ -21,9 +21,9 @@ Flags mirror tensorflow_model_server (both `--flag=value` and `--flag value`). D
   (GetModelStatus) have the server's paths replaced by `<version>` and `<model_base_path>`.
 - SIGTERM and SIGINT stop accepting, drain in-flight requests for up to `--grace_period_seconds` (REST
   connections already waiting in the listen backlog included: served, not reset), exit 0.
-- `--max_images_per_request` (4096) and `--max_pixels_per_request` (16 x 4096^2, as the images' headers declare
-  them), not in tensorflow_model_server: a request over either gets INVALID_ARGUMENT / 400 before it is batched
-  (serving/limits.py); 0 turns a bound off.
+- `--max_images_per_request` (4096), not in tensorflow_model_server: a request of more images gets
+  INVALID_ARGUMENT / 400 before it is batched (serving/limits.py); 0 turns the bound off. The pixels a request's
+  images may declare are bounded in the model's graph, for TF Serving too.
 - `--static_dir` (not in tensorflow_model_server): the drawing page's directory, served at / on the REST port
   (GET only; the files in it and nothing else; serving/static.py). Default: the repository's web/;
   `--static_dir=` serves no page.
@@ -47,7 +47,7 @@ import tensorflow as tf
 from serving import configs
 from serving.batching import Batcher, BatchingOptions
 from serving.grpc_service import add_services
-from serving.limits import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS, RequestLimits
+from serving.limits import DEFAULT_MAX_IMAGES, RequestLimits
 from serving.memory import Trimmer
 from serving.metrics import Metrics
 from serving.models import Model, ModelManager
@@ -82,7 +82,6 @@ class ServerOptions:
     grace_period_seconds: float = 10.0
     static_dir: str = DEFAULT_STATIC_DIR
     max_images_per_request: int = DEFAULT_MAX_IMAGES
-    max_pixels_per_request: int = DEFAULT_MAX_PIXELS
 
 
 def _resolve_base_path(base_path: str) -> Path:
@@ -226,7 +225,7 @@ def start_server(options: ServerOptions) -> RunningServer:
     log.info("Models loaded; polling every %s s", options.file_system_poll_wait_seconds or "never (disabled)")
 
     executor = None if batcher else futures.ThreadPoolExecutor(PREDICT_THREADS, thread_name_prefix="predict")
-    limits = RequestLimits(options.max_images_per_request, options.max_pixels_per_request)
+    limits = RequestLimits(options.max_images_per_request)
     trimmer = Trimmer().start()  # heap that large requests freed, given back once a burst of them is over
     predictor = Predictor(manager, batcher, metrics, executor, limits, trimmer)
     started = asyncio.run_coroutine_threadsafe(_start_grpc(predictor, f"{options.host}:{options.port}"),

@@ -95,6 +95,30 @@ def test_declared_size_is_read_from_every_header():
     assert [int(v) for v in preprocessing.declared_size(tf.constant(b"no header"))] == [0, 0]
 
 
+def test_a_batchs_headers_are_read_in_one_pass_as_each_alone():
+    wide = np.zeros((30, 70), np.uint8)
+    files = []
+    for fmt in ("PNG", "JPEG", "GIF", "JPEG", "BMP", "WEBP"):
+        buffer = io.BytesIO()
+        Image.fromarray(wide[: 10 + len(files)]).save(buffer, format=fmt)
+        files.append(buffer.getvalue())
+    files += [b"no header", b""]
+    height, width = (v.numpy().tolist() for v in preprocessing.declared_size(tf.constant(files)))
+    assert height == [10, 11, 12, 13, 14, 15, 0, 0] and width == [70] * 6 + [0, 0]
+    assert [[int(v) for v in preprocessing.declared_size(tf.constant(f))] for f in files] == [
+        [h, w] for h, w in zip(height, width)]
+
+
+def test_a_call_whose_images_declare_too_many_pixels_in_all_is_refused_before_decoding():
+    largest = png_declaring(preprocessing.MAX_SIDE, preprocessing.MAX_SIDE)
+    allowed = preprocessing.MAX_CALL_PIXELS // preprocessing.MAX_SIDE ** 2
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"the {allowed + 1} images of this request declare"):
+        run(*[largest] * (allowed + 1))
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:  # within the bound: decoding's own error
+        run(*[largest] * allowed)
+    assert "pixels in all" not in error.value.message
+
+
 def test_a_large_webp_is_refused_before_it_is_decoded():
     buffer = io.BytesIO()
     Image.new("L", (5000, 300), 0).save(buffer, format="WEBP", lossless=True)

@@ -1,4 +1,5 @@
-"""The bounds on one request (serving/limits.py), against a real embedded server over gRPC and REST."""
+"""The bounds on one request against a real embedded server over gRPC and REST: its images (serving/limits.py)
+and the pixels they declare (the model's graph, training/preprocessing.py)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from serving.limits import declared_pixels
 from tests.test_preprocessing import png_declaring
 from tests.test_server_support import predict_request, prediction_stub, rest, start_test_server
+from training.preprocessing import MAX_CALL_PIXELS, MAX_SIDE
 
-MAX_IMAGES = 8
-MAX_PIXELS = 3 * 1000 * 1000
+MAX_IMAGES = 18  # above the 17 images of the pixel test, below the 20 digits of mnist_png_bytes
 
 
 @pytest.fixture(scope="module")
 def server(model_base_path):
-    running = start_test_server(model_base_path, max_images_per_request=MAX_IMAGES,
-                                max_pixels_per_request=MAX_PIXELS)
+    running = start_test_server(model_base_path, max_images_per_request=MAX_IMAGES)
     yield running
     running.stop(grace_seconds=1)
 
@@ -51,27 +50,20 @@ def test_a_request_of_more_images_than_allowed_is_refused_before_it_runs(server,
     assert status == 200 and len(body["predictions"]) == MAX_IMAGES
 
 
-def test_images_declaring_more_pixels_than_allowed_are_refused_from_their_headers(server, mnist_png_bytes):
-    # Each 1000x1000 PNG is within the graph's 4096 px a side; four of them are over the request's 3 Mpx.
-    big = png_declaring(1000, 1000)
-    assert declared_pixels(big) == 1000 * 1000 and len(big) < 2000
-    code, details = grpc_code(server, [big] * 4)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "--max_pixels_per_request" in details
-    status, body = rest_predict(server, [big] * 4)
-    assert status == 400 and f"more than {MAX_PIXELS} pixels" in body["error"]
-    # Three of them pass the bound and reach the graph, which decodes them (blank: refused as no ink).
-    code, details = grpc_code(server, [big] * 3)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "--max_pixels_per_request" not in details
+def test_images_declaring_more_pixels_than_a_request_may_hold_are_refused_by_the_graph(server, mnist_png_bytes):
+    # Each PNG declares the largest size the graph takes; 16 of them are all a request may declare.
+    largest = png_declaring(MAX_SIDE, MAX_SIDE)
+    over = MAX_CALL_PIXELS // (MAX_SIDE * MAX_SIDE) + 1
+    code, details = grpc_code(server, [largest] * over)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the {over} images of this request declare {over * MAX_SIDE ** 2} pixels in all" in details
+    status, body = rest_predict(server, [largest] * over)
+    assert status == 400 and f"the limit is {MAX_CALL_PIXELS}" in body["error"]
+    # One fewer passes the bound and reaches decoding, which refuses these headers without pixel data.
+    code, details = grpc_code(server, [largest] * (over - 1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "pixels in all" not in details
     # The server goes on answering.
     assert grpc_code(server, [mnist_png_bytes[0][0]])[0] == grpc.StatusCode.OK
-
-
-def test_bytes_that_are_no_image_count_no_pixels_and_the_graph_refuses_them():
-    assert declared_pixels(b"not an image") == 0
-    assert declared_pixels(b"") == 0
-    assert declared_pixels(png_declaring(4096, 4096)) == 4096 * 4096
-    # A header Pillow itself calls a decompression bomb counts as more than any bound.
-    assert declared_pixels(png_declaring(60000, 60000)) > 2**60
 
 
 def test_numeric_inputs_count_their_batch_dimension(server):
@@ -85,8 +77,8 @@ def test_numeric_inputs_count_their_batch_dimension(server):
     assert f"request holds {MAX_IMAGES + 1} images" in error.value.details()
 
 
-def test_zero_turns_the_bounds_off(model_base_path, mnist_png_bytes):
-    running = start_test_server(model_base_path, max_images_per_request=0, max_pixels_per_request=0)
+def test_zero_turns_the_bound_off(model_base_path, mnist_png_bytes):
+    running = start_test_server(model_base_path, max_images_per_request=0)
     try:
         images = [png for png, _ in mnist_png_bytes[:MAX_IMAGES + 1]]
         assert grpc_code(running, images)[0] == grpc.StatusCode.OK

@@ -4,7 +4,8 @@ Every runtime (TF Serving, the embedded server, evaluation of raw files) runs th
 and serving cannot drift apart. Steps for one image:
 
 1. guard: read the width and height the file declares in its header (PNG, GIF, BMP, WebP; JPEG through
-   `extract_jpeg_shape`) and refuse more than MAX_SIDE pixels per side before decoding anything, so a
+   `extract_jpeg_shape`) and refuse more than MAX_SIDE pixels per side, or more than MAX_CALL_PIXELS for all
+   the images of a call, before decoding anything, so a
    20 KB PNG declaring 13000x13000 pixels costs nothing; other formats are refused unread; a GIF's frames are
    read from their own descriptors (a 16x16 screen may hold an 8000x8000 frame) and bounded one by one and
    in all; a PNG's chunks up to IEND must each fit in the file (one declaring 2 GB in a 1 KB file was
@@ -35,6 +36,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 MAX_SIDE = 4096
+MAX_CALL_PIXELS = 16 * MAX_SIDE * MAX_SIDE  # the pixels all images of one call may declare: 16 of the largest
 WORK_SIDE = 256
 IMAGE_SIZE = 28
 DIGIT_BOX = 20  # MNIST's digits were scaled to fit 20x20, then centred by centre of mass in 28x28
@@ -53,65 +55,67 @@ LUMA = (0.299, 0.587, 0.114)
 
 
 def _header(image_bytes: tf.Tensor, n: int = 32) -> tf.Tensor:
-    """The first n bytes as int64, zero-padded, whatever the length of the input."""
+    """The first n bytes of each image as int64 [..., n], zero-padded, whatever the length of the input."""
     head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, n), "\0" * n]), 0, n)
     return tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
 
 
 def _uint(b: tf.Tensor, start: int, size: int, big_endian: bool) -> tf.Tensor:
     order = range(size) if big_endian else reversed(range(size))
-    value = tf.constant(0, tf.int64)
+    value = tf.zeros_like(b[..., 0])
     for i in order:
-        value = value * 256 + b[start + i]
+        value = value * 256 + b[..., start + i]
     return value
 
 
-def _starts_with(b: tf.Tensor, magic: bytes) -> tf.Tensor:
-    return tf.reduce_all(tf.equal(b[: len(magic)], tf.constant(list(magic), tf.int64)))
+def _starts_with(b: tf.Tensor, magic: bytes, at: int = 0) -> tf.Tensor:
+    return tf.reduce_all(tf.equal(b[..., at:at + len(magic)], tf.constant(list(magic), tf.int64)), axis=-1)
+
+
+def _formats(b: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Which of the formats whose size `declared_size` reads each header [..., 32] starts as."""
+    return {"png": _starts_with(b, b"\x89PNG"), "gif": _starts_with(b, b"GIF8"), "bmp": _starts_with(b, b"BM"),
+            "jpeg": _starts_with(b, b"\xff\xd8\xff"),
+            "webp": tf.logical_and(_starts_with(b, b"RIFF"), _starts_with(b, b"WEBP", at=8))}
 
 
 def declared_size(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(height, width) the file's header declares; (0, 0) for formats without one we read."""
-    b = _header(image_bytes)
-    zero = tf.constant(0, tf.int64)
+    """(height, width) each image's header declares, int64 of the input's shape (a scalar or a batch); 0 and 0
+    for formats without one we read. One pass over a batch's headers; JPEG's through `extract_jpeg_shape`,
+    one JPEG at a time."""
+    flat = tf.reshape(image_bytes, [-1])
+    b = _header(flat)
+    kind = _formats(b)
+    zero = tf.zeros_like(b[:, 0])
+    bmp_height = _uint(b, 22, 4, big_endian=False)
+    bmp_height = tf.abs(tf.where(bmp_height >= 2**31, bmp_height - 2**32, bmp_height))  # negative: top-down rows
+    # WebP's first chunk: VP8 (lossy), VP8L (lossless: 14 bits width - 1, 14 bits height - 1) or VP8X (the canvas)
+    lossless = _uint(b, 21, 4, big_endian=False)
+    vp8, vp8l, vp8x = (tf.logical_and(kind["webp"], _starts_with(b, chunk, at=12)) for chunk in (b"VP8 ", b"VP8L",
+                                                                                                  b"VP8X"))
+    jpegs = tf.where(kind["jpeg"])[:, 0]
+    jpeg_sizes = tf.map_fn(lambda data: tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64),
+                           tf.gather(flat, jpegs), fn_output_signature=tf.TensorSpec([2], tf.int64))
+    jpeg_sizes = tf.scatter_nd(jpegs[:, None], jpeg_sizes, tf.stack([tf.size(flat, out_type=tf.int64), 2]))
 
-    def bmp_height():
-        h = _uint(b, 22, 4, big_endian=False)
-        return tf.abs(tf.where(h >= 2**31, h - 2**32, h))  # signed: negative means top-down rows
+    def pick(png, gif, bmp, jpeg, lossy, lossless_, extended):
+        value = zero
+        for where, then in ((kind["png"], png), (kind["gif"], gif), (kind["bmp"], bmp), (kind["jpeg"], jpeg),
+                            (vp8, lossy), (vp8l, lossless_), (vp8x, extended)):
+            value = tf.where(where, then, value)
+        return tf.reshape(value, tf.shape(image_bytes))
 
-    def jpeg_size():
-        shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
-        return shape[0], shape[1]
-
-    def webp_size():  # the first chunk: VP8 (lossy), VP8L (lossless) or VP8X (extended: the canvas)
-        chunk = tf.strings.substr(image_bytes, 12, 4)
-        lossless = _uint(b, 21, 4, big_endian=False)  # 14 bits width - 1, 14 bits height - 1
-        return tf.case([
-            (tf.equal(chunk, b"VP8 "), lambda: (_uint(b, 28, 2, False) % 16384, _uint(b, 26, 2, False) % 16384)),
-            (tf.equal(chunk, b"VP8L"), lambda: ((lossless // 16384) % 16384 + 1, lossless % 16384 + 1)),
-            (tf.equal(chunk, b"VP8X"), lambda: (_uint(b, 27, 3, False) + 1, _uint(b, 24, 3, False) + 1)),
-        ], default=lambda: (zero, zero), exclusive=True)
-
-    return tf.case([
-        (_starts_with(b, b"\x89PNG"), lambda: (_uint(b, 20, 4, True), _uint(b, 16, 4, True))),
-        (_starts_with(b, b"GIF8"), lambda: (_uint(b, 8, 2, False), _uint(b, 6, 2, False))),
-        (_starts_with(b, b"BM"), lambda: (bmp_height(), _uint(b, 18, 4, False))),
-        (_starts_with(b, b"\xff\xd8\xff"), jpeg_size),
-        (_is_webp(b), webp_size),
-    ], default=lambda: (zero, zero), exclusive=True)
-
-
-def _is_webp(b: tf.Tensor) -> tf.Tensor:
-    return tf.logical_and(_starts_with(b, b"RIFF"), tf.reduce_all(tf.equal(b[8:12], tf.constant(list(b"WEBP"),
-                                                                                                 tf.int64))))
+    height = pick(_uint(b, 20, 4, True), _uint(b, 8, 2, False), bmp_height, jpeg_sizes[:, 0],
+                  _uint(b, 28, 2, False) % 16384, (lossless // 16384) % 16384 + 1, _uint(b, 27, 3, False) + 1)
+    width = pick(_uint(b, 16, 4, True), _uint(b, 6, 2, False), _uint(b, 18, 4, False), jpeg_sizes[:, 1],
+                 _uint(b, 26, 2, False) % 16384, lossless % 16384 + 1, _uint(b, 24, 3, False) + 1)
+    return height, width
 
 
 def _known_format(image_bytes: tf.Tensor) -> tf.Tensor:
     """PNG, GIF, BMP, JPEG or WebP: the formats whose declared size `declared_size` reads. tf.io.decode_image
     also decodes others (JPEG XL in TF 2.21) that would pass the size check unread."""
-    b = _header(image_bytes)
-    return tf.reduce_any(tf.stack([_starts_with(b, b"\x89PNG"), _starts_with(b, b"GIF8"), _starts_with(b, b"BM"),
-                                   _starts_with(b, b"\xff\xd8\xff"), _is_webp(b)]))
+    return tf.reduce_any(tf.stack(list(_formats(_header(image_bytes)).values()), axis=-1), axis=-1)
 
 
 def gif_frames(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -163,16 +167,27 @@ def gif_frames(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     return frames, side, pixels
 
 
-def check_size(image_bytes: tf.Tensor) -> tf.Tensor:
-    """The bytes, unchanged, once the declared size has been checked (InvalidArgumentError otherwise)."""
+def check_headers(image_bytes: tf.Tensor) -> tf.Tensor:
+    """The images [N], unchanged, once their headers have been read (InvalidArgumentError otherwise): each of a
+    format `declared_size` reads (or empty: the decoder's own error then), each within MAX_SIDE pixels a side,
+    and all of them within MAX_CALL_PIXELS (a GIF by its logical screen; its frames are bounded image by image).
+    Each image bounded on its own did not bound a call: 16 MB holds a thousand 16 KB PNGs that each declare
+    4096x4096, about 100 s of decoding. In the graph, so TF Serving refuses as the embedded server does."""
     height, width = declared_size(image_bytes)
-    ok = tf.logical_and(height <= MAX_SIDE, width <= MAX_SIDE)
-    message = tf.strings.format("image declares {}x{} pixels (width x height); the limit is {} per side",
-                                (width, height, MAX_SIDE))
     known = tf.logical_or(_known_format(image_bytes), tf.equal(tf.strings.length(image_bytes), 0))
+    too_large = tf.logical_or(height > MAX_SIDE, width > MAX_SIDE)
+    first = tf.argmax(tf.cast(too_large, tf.int32))  # the first image over the limit (any, if none is)
+    side = tf.strings.format("image declares {}x{} pixels (width x height); the limit is {} per side",
+                             (tf.gather(width, first, axis=0), tf.gather(height, first, axis=0), MAX_SIDE))
+    total = tf.reduce_sum(height * width)
+    call = tf.strings.format("the {} images of this request declare {} pixels in all; the limit is {} (16 images "
+                             "of {}x{}): send fewer or smaller images a request",
+                             (tf.size(image_bytes), total, MAX_CALL_PIXELS, MAX_SIDE, MAX_SIDE))
     with tf.control_dependencies([
-            tf.debugging.Assert(known, ["Unknown image file format: PNG, JPEG, GIF, BMP or WebP expected"]),
-            tf.debugging.Assert(ok, [message])]):
+            tf.debugging.Assert(tf.reduce_all(known), ["Unknown image file format: PNG, JPEG, GIF, BMP or WebP "
+                                                       "expected"]),
+            tf.debugging.Assert(tf.logical_not(tf.reduce_any(too_large)), [side]),
+            tf.debugging.Assert(total <= MAX_CALL_PIXELS, [call])]):
         return tf.identity(image_bytes)
 
 
@@ -504,11 +519,12 @@ def normalize_batch(grey: tf.Tensor) -> tf.Tensor:
 
 
 def decode_and_normalize(image_bytes: tf.Tensor) -> tf.Tensor:
-    """One encoded image (scalar string) -> float32 [28, 28, 1] in [0, 1], white digit on black."""
-    return normalize(to_grey(decode_rgba(check_size(image_bytes))))
+    """One encoded image (scalar string) whose header `check_headers` has read -> float32 [28, 28, 1] in [0, 1],
+    white digit on black."""
+    return normalize(to_grey(decode_rgba(image_bytes)))
 
 
 def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
     """string [N] -> float32 [N, 28, 28, 1]. A few images at a time, so memory stays bounded."""
-    return tf.map_fn(decode_and_normalize, image_bytes, parallel_iterations=4,
+    return tf.map_fn(decode_and_normalize, check_headers(image_bytes), parallel_iterations=4,
                      fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32))
