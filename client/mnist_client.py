@@ -58,7 +58,7 @@ class ServingError(Exception):
     `http_status` is the HTTP status of a REST answer, else None. `message` is the server's own text.
     """
 
-    def __init__(self, message: str, code: str, http_status: int | None = None):
+    def __init__(self, code: str, message: str, http_status: int | None = None):
         super().__init__(message)
         self.message = message
         self.code = code
@@ -125,7 +125,7 @@ class RestClient:
             predictions = [_prediction(row["digit"], row["probability"], row["probabilities"])
                            for row in answer["predictions"]]
         except (KeyError, TypeError, ValueError) as e:
-            raise ServingError(f"unexpected answer from the server: {e!r}", "INTERNAL") from None
+            raise ServingError("INTERNAL", f"unexpected answer from the server: {e!r}") from None
         _check_count(predictions, images)
         return predictions
 
@@ -160,18 +160,23 @@ class RestClient:
                 # try (predict has no side effects, so repeating it is safe).
                 if reused and attempt == 1:
                     continue
-                raise ServingError(f"connection to {self.host}:{self.port} lost: {e!r}", "UNAVAILABLE") from None
+                raise ServingError("UNAVAILABLE", f"connection to {self.host}:{self.port} lost: {e!r}") from None
             except TimeoutError:
                 self.close()
-                raise ServingError(f"no answer from {self.host}:{self.port} within {self.timeout} s",
-                                   "DEADLINE_EXCEEDED") from None
+                raise ServingError("DEADLINE_EXCEEDED",
+                                   f"no answer from {self.host}:{self.port} within {self.timeout} s") from None
             except OSError as e:
                 self.close()
-                raise ServingError(f"cannot reach {self.host}:{self.port}: {e.strerror or e}", "UNAVAILABLE") \
+                raise ServingError("UNAVAILABLE", f"cannot reach {self.host}:{self.port}: {e.strerror or e}") \
                     from None
             except http.client.HTTPException as e:
                 self.close()
-                raise ServingError(f"bad HTTP answer from {self.host}:{self.port}: {e!r}", "INTERNAL") from None
+                if isinstance(e, http.client.BadStatusLine) and str(e.args[0] if e.args else "").startswith("\x00\x00"):
+                    # An HTTP/2 frame (a gRPC server's SETTINGS) where an HTTP/1.1 status line was due.
+                    message = (f"{self.host}:{self.port} answers HTTP/2, as a gRPC port does: use the REST port "
+                               "(8501 by default), or gRPC (predict.py --protocol grpc)")
+                    raise ServingError("INTERNAL", message) from None
+                raise ServingError("INTERNAL", f"bad HTTP answer from {self.host}:{self.port}: {e!r}") from None
         try:
             answer = json.loads(data)
         except ValueError:
@@ -179,9 +184,9 @@ class RestClient:
         if status != 200:
             message = answer.get("error") if isinstance(answer, dict) else None
             message = message or data.decode("utf-8", "replace").strip() or http.client.responses.get(status, "")
-            raise ServingError(message, _HTTP_TO_CODE.get(status, "UNKNOWN"), status)
+            raise ServingError(_HTTP_TO_CODE.get(status, "UNKNOWN"), message, status)
         if not isinstance(answer, dict):
-            raise ServingError(f"answer is not a JSON object: {data[:200]!r}", "INTERNAL", status)
+            raise ServingError("INTERNAL", f"answer is not a JSON object: {data[:200]!r}", status)
         return answer
 
 
@@ -254,12 +259,12 @@ class GrpcClient:
         response = self._rpc(self._predict, request)
         keys = ("digit", "probability", "probabilities")
         if missing := [key for key in keys if key not in response.outputs]:
-            raise ServingError(f"unexpected answer from the server: no output {', '.join(missing)}", "INTERNAL")
+            raise ServingError("INTERNAL", f"unexpected answer from the server: no output {', '.join(missing)}")
         try:
             digits, probability, probabilities = (self._make_ndarray(response.outputs[key]) for key in keys)
             predictions = [_prediction(d, p, ps) for d, p, ps in zip(digits, probability, probabilities, strict=True)]
         except (TypeError, ValueError) as e:
-            raise ServingError(f"unexpected answer from the server: {e!r}", "INTERNAL") from None
+            raise ServingError("INTERNAL", f"unexpected answer from the server: {e!r}") from None
         _check_count(predictions, images)
         return predictions
 
@@ -290,7 +295,7 @@ class GrpcClient:
                 message = f"no answer from {self.target} within {self.timeout} s ({message})"
             elif code == self._grpc.StatusCode.UNAVAILABLE:
                 message = f"cannot reach {self.target}: {message}"
-            raise ServingError(message, code.name) from None
+            raise ServingError(code.name, message) from None
 
 
 def _prediction(digit, probability, probabilities) -> Prediction:
@@ -302,4 +307,4 @@ def _prediction(digit, probability, probabilities) -> Prediction:
 
 def _check_count(predictions: list[Prediction], images: Sequence[bytes]) -> None:
     if len(predictions) != len(images):
-        raise ServingError(f"{len(predictions)} answers for {len(images)} images", "INTERNAL")
+        raise ServingError("INTERNAL", f"{len(predictions)} answers for {len(images)} images")

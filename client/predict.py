@@ -118,7 +118,7 @@ def wait_until_available(client: RestClient | GrpcClient, seconds: float) -> Non
         try:
             if any(v.state == "AVAILABLE" for v in client.model_status()):
                 return
-            error = ServingError("no version of the model is AVAILABLE yet", "DEADLINE_EXCEEDED")
+            error = ServingError("DEADLINE_EXCEEDED", "no version of the model is AVAILABLE yet")
         except ServingError as e:
             if not (e.no_answer or e.code == "NOT_FOUND"):
                 raise

@@ -151,6 +151,13 @@ def test_unreachable_server(protocol, closed_port):
     assert f"127.0.0.1:{closed_port}" in caught.value.message
 
 
+def test_the_rest_client_pointed_at_the_grpc_port_says_so(server):
+    with RestClient(f"127.0.0.1:{server.grpc_port}", timeout=10) as c, pytest.raises(ServingError) as caught:
+        c.model_status()
+    assert caught.value.code == "INTERNAL" and not caught.value.no_answer  # retrying there cannot help
+    assert "answers HTTP/2, as a gRPC port does" in caught.value.message and "--protocol grpc" in caught.value.message
+
+
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
 def test_every_call_has_a_deadline(protocol, silent_port):
     with make_client(protocol, silent_port, timeout=0.5) as c:

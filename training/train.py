@@ -268,6 +268,7 @@ def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.fit(train, validation_data=validation, epochs=cfg.epochs, verbose=cfg.verbose,
+              shuffle=False,  # the pipeline shuffles; Keras warned that it ignores shuffle=True for a tf.data input
               callbacks=callbacks(cfg, run_dir, share) + list(extra_callbacks or []))
     return model
 
