@@ -39,9 +39,9 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc
 
 from bench import loadgen
+from serving.models import WARMUP_FILE, scan_versions
 
 ROOT = Path(__file__).resolve().parents[1]
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MODEL_NAME = "mnist"
 METRICS_PATH = "/monitoring/prometheus/metrics"  # as in serving/monitoring.config
 # Measured best on 2 cores (docs/benchmarks.md): each batch on one thread, TF ops run on the calling thread.
@@ -82,10 +82,10 @@ def version_dir(model: Path) -> Path:
     """--model is a version directory or a base path holding integer versions (the newest is used)."""
     if (model / "saved_model.pb").exists():
         return model
-    versions = sorted((int(p.name), p) for p in model.iterdir() if p.name.isdigit() and p.is_dir())
+    versions = scan_versions(model)
     if not versions:
         raise ValueError(f"{model}: neither a SavedModel nor a base path with version directories")
-    return versions[-1][1]
+    return versions[max(versions)]
 
 
 def sample_image(version: Path) -> bytes:

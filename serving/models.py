@@ -161,7 +161,7 @@ class VersionStatus:
 def scan_versions(base_path: Path) -> dict[int, Path]:
     if not base_path.is_dir():
         return {}
-    return {int(p.name): p for p in base_path.iterdir() if re.fullmatch(r"\d+", p.name) and p.is_dir()}
+    return {int(p.name): p for p in base_path.iterdir() if re.fullmatch(r"[0-9]+", p.name) and p.is_dir()}
 
 
 def _fingerprint(path: Path) -> tuple[int, int]:

@@ -136,3 +136,13 @@ def test_a_version_whose_variables_arrive_late_is_loaded_by_a_retry(model_base_p
         assert served_version(prediction_stub(running), mnist_png_bytes[0][0]) == 1
     finally:
         running.stop(grace_seconds=5)
+
+
+def test_only_ascii_digit_directories_are_versions_to_the_server_and_the_trainer(tmp_path):
+    from serving.models import scan_versions
+    from training import export
+
+    for name in ("1", "12", "²", "٣", "1a", "v2"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "7").write_text("a file, not a version")
+    assert sorted(scan_versions(tmp_path)) == export.versions(tmp_path) == [1, 12]

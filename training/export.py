@@ -43,10 +43,13 @@ def prediction_outputs(probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def versions(base_path: str | Path) -> list[int]:
+    """The version directories under a base path, as TF Serving reads them: names of ASCII digits only ("²" and
+    "٣" are digits to str.isdigit, not to TF Serving). serving/models.py has its own reader: the trainer and
+    the server share the layout, not code."""
     base = Path(base_path)
     if not base.is_dir():
         return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
 
 
 def next_version(base_path: str | Path) -> int:
