@@ -109,6 +109,10 @@ def test_a_batchs_headers_are_read_in_one_pass_as_each_alone():
         [h, w] for h, w in zip(height, width)]
 
 
+def test_an_empty_batch_is_an_empty_answer_not_an_error():
+    assert decode(tf.constant([], tf.string)).shape == (0, 28, 28, 1)
+
+
 def test_a_call_whose_images_declare_too_many_pixels_in_all_is_refused_before_decoding():
     largest = png_declaring(preprocessing.MAX_SIDE, preprocessing.MAX_SIDE)
     allowed = preprocessing.MAX_CALL_PIXELS // preprocessing.MAX_SIDE ** 2

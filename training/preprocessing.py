@@ -57,7 +57,9 @@ LUMA = (0.299, 0.587, 0.114)
 def _header(image_bytes: tf.Tensor, n: int = 32) -> tf.Tensor:
     """The first n bytes of each image as int64 [..., n], zero-padded, whatever the length of the input."""
     head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, n), "\0" * n]), 0, n)
-    return tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+    # shaped explicitly: decode_raw cannot tell the byte count of an empty batch
+    return tf.reshape(tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64),
+                      tf.concat([tf.shape(image_bytes), [n]], 0))
 
 
 def _uint(b: tf.Tensor, start: int, size: int, big_endian: bool) -> tf.Tensor:
@@ -79,10 +81,10 @@ def _formats(b: tf.Tensor) -> dict[str, tf.Tensor]:
             "webp": tf.logical_and(_starts_with(b, b"RIFF"), _starts_with(b, b"WEBP", at=8))}
 
 
-def declared_size(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(height, width) each image's header declares, int64 of the input's shape (a scalar or a batch); 0 and 0
-    for formats without one we read. One pass over a batch's headers; JPEG's through `extract_jpeg_shape`,
-    one JPEG at a time."""
+def _read_headers(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(known, height, width) of each image, of the input's shape (a scalar or a batch): whether it is one of
+    the formats `_formats` names, and the size its header declares (0 and 0 for other formats). One pass over a
+    batch's headers; JPEG's through `extract_jpeg_shape`, one JPEG at a time."""
     flat = tf.reshape(image_bytes, [-1])
     b = _header(flat)
     kind = _formats(b)
@@ -109,13 +111,16 @@ def declared_size(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
                   _uint(b, 28, 2, False) % 16384, (lossless // 16384) % 16384 + 1, _uint(b, 27, 3, False) + 1)
     width = pick(_uint(b, 16, 4, True), _uint(b, 6, 2, False), _uint(b, 18, 4, False), jpeg_sizes[:, 1],
                  _uint(b, 26, 2, False) % 16384, lossless % 16384 + 1, _uint(b, 24, 3, False) + 1)
+    known = tf.reshape(tf.reduce_any(tf.stack(list(kind.values()), axis=-1), axis=-1), tf.shape(image_bytes))
+    return known, height, width
+
+
+def declared_size(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(height, width) each image's header declares, int64 of the input's shape (a scalar or a batch); 0 and 0
+    for formats without one we read (tf.io.decode_image also decodes others, JPEG XL in TF 2.21, which
+    `check_headers` refuses unread)."""
+    _, height, width = _read_headers(image_bytes)
     return height, width
-
-
-def _known_format(image_bytes: tf.Tensor) -> tf.Tensor:
-    """PNG, GIF, BMP, JPEG or WebP: the formats whose declared size `declared_size` reads. tf.io.decode_image
-    also decodes others (JPEG XL in TF 2.21) that would pass the size check unread."""
-    return tf.reduce_any(tf.stack(list(_formats(_header(image_bytes)).values()), axis=-1), axis=-1)
 
 
 def gif_frames(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -173,12 +178,15 @@ def check_headers(image_bytes: tf.Tensor) -> tf.Tensor:
     and all of them within MAX_CALL_PIXELS (a GIF by its logical screen; its frames are bounded image by image).
     Each image bounded on its own did not bound a call: 16 MB holds a thousand 16 KB PNGs that each declare
     4096x4096, about 100 s of decoding. In the graph, so TF Serving refuses as the embedded server does."""
-    height, width = declared_size(image_bytes)
-    known = tf.logical_or(_known_format(image_bytes), tf.equal(tf.strings.length(image_bytes), 0))
+    known, height, width = _read_headers(image_bytes)
+    known = tf.logical_or(known, tf.equal(tf.strings.length(image_bytes), 0))
     too_large = tf.logical_or(height > MAX_SIDE, width > MAX_SIDE)
-    first = tf.argmax(tf.cast(too_large, tf.int32))  # the first image over the limit (any, if none is)
-    side = tf.strings.format("image declares {}x{} pixels (width x height); the limit is {} per side",
-                             (tf.gather(width, first, axis=0), tf.gather(height, first, axis=0), MAX_SIDE))
+
+    def side() -> tf.Tensor:  # about the first image over the limit (only then: an empty batch has none)
+        first = tf.argmax(tf.cast(too_large, tf.int32))
+        return tf.strings.format("image declares {}x{} pixels (width x height); the limit is {} per side",
+                                 (tf.gather(width, first), tf.gather(height, first), MAX_SIDE))
+
     total = tf.reduce_sum(height * width)
     call = tf.strings.format("the {} images of this request declare {} pixels in all; the limit is {} (16 images "
                              "of {}x{}): send fewer or smaller images a request",
@@ -186,7 +194,8 @@ def check_headers(image_bytes: tf.Tensor) -> tf.Tensor:
     with tf.control_dependencies([
             tf.debugging.Assert(tf.reduce_all(known), ["Unknown image file format: PNG, JPEG, GIF, BMP or WebP "
                                                        "expected"]),
-            tf.debugging.Assert(tf.logical_not(tf.reduce_any(too_large)), [side]),
+            tf.debugging.Assert(tf.logical_not(tf.reduce_any(too_large)),
+                                [tf.cond(tf.reduce_any(too_large), side, lambda: tf.constant(""))]),
             tf.debugging.Assert(total <= MAX_CALL_PIXELS, [call])]):
         return tf.identity(image_bytes)
 
