@@ -171,7 +171,7 @@ class RestClient:
                     from None
             except http.client.HTTPException as e:
                 self.close()
-                if isinstance(e, http.client.BadStatusLine) and str(e.args[0] if e.args else "").startswith("\x00\x00"):
+                if isinstance(e, http.client.BadStatusLine) and e.line.startswith("\x00\x00"):
                     # An HTTP/2 frame (a gRPC server's SETTINGS) where an HTTP/1.1 status line was due.
                     message = (f"{self.host}:{self.port} answers HTTP/2, as a gRPC port does: use the REST port "
                                "(8501 by default), or gRPC (predict.py --protocol grpc)")

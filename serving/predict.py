@@ -36,7 +36,7 @@ class Predictor:
                  trimmer: Trimmer | None = None) -> None:
         self.manager, self.batcher, self.metrics = manager, batcher, metrics
         self.trimmer = trimmer  # told each request's size: gives the heap back after bursts of large ones
-        self.limits = limits or RequestLimits()  # images and pixels a request may hold (serving/limits.py)
+        self.limits = limits or RequestLimits()  # images a request may hold (serving/limits.py; pixels: the graph)
         self.executor = executor  # predict_async without batching: where the signature runs
 
     @contextmanager
