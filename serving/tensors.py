@@ -103,6 +103,8 @@ def inputs_from_json(body: Any, specs: dict[str, tf.TensorSpec]) -> tuple[dict[s
     instances = body["instances"]
     if not isinstance(instances, list):
         raise _invalid("\"instances\" must be a list")
+    if not instances:  # TF Serving's rule: a row-format answer of no rows has no batch size to write
+        raise _invalid("No values in 'instances' array: send at least one instance (or \"inputs\" of no images)")
     if instances and all(isinstance(i, dict) and not _is_b64(i) for i in instances):
         names = set(instances[0])
         if any(set(i) != names for i in instances):

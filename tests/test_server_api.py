@@ -132,6 +132,22 @@ def test_rest_row_and_columnar_formats_agree_with_grpc(server, stub, digits):
     assert np.array(columns["outputs"]["probabilities"]).shape == (3, 10)
 
 
+def test_a_request_of_no_images_gets_no_outputs_and_a_row_format_one_tf_servings_400(server, stub, digits):
+    response = stub.Predict(predict_request([]), timeout=30)
+    assert tf.make_ndarray(response.outputs["digit"]).shape == (0,)
+    assert tf.make_ndarray(response.outputs["probabilities"]).shape == (0, 10)
+
+    status, columns = rest(server, "/v1/models/mnist:predict", {"inputs": []})
+    assert status == 200, columns
+    assert columns["outputs"] == {"digit": [], "probability": [], "probabilities": []}
+    status, columns = rest(server, "/v1/models/mnist:predict", {"signature_name": "predict_pixels", "inputs": []})
+    assert status == 400, columns  # [] is a tensor of shape [0], not [0, 28, 28, 1]
+
+    status, rows = rest(server, "/v1/models/mnist:predict", {"instances": []})
+    assert status == 400 and "No values in 'instances' array" in rows["error"], rows
+    assert_good_answer(server, stub, digits)
+
+
 def test_rest_pixels_columnar(server, digits):
     pixels = (tf.io.decode_png(digits[0][0]).numpy().astype(np.float32) / 255.0)[None].tolist()
     status, body = rest(server, "/v1/models/mnist:predict", {"signature_name": "predict_pixels", "inputs": pixels})

@@ -81,6 +81,12 @@ def test_bad_image_in_a_merged_batch_fails_only_its_request(server, expected):
     assert batch_stats(server)[0] == calls_before + 1
 
 
+def test_a_request_of_no_images_is_answered_at_once_not_queued_for_company(server):
+    """Nothing to merge: it must not wait out the batch timeout (a minute here) for other requests."""
+    response = prediction_stub(server).Predict(predict_request([]), timeout=20)
+    assert tf.make_ndarray(response.outputs["probabilities"]).shape == (0, 10)
+
+
 def test_request_larger_than_max_batch_size_still_runs(server, mnist_png_bytes):
     images = [png for png, _ in mnist_png_bytes[:BATCH + 3]]
     response = prediction_stub(server).Predict(predict_request(images), timeout=120)

@@ -66,6 +66,16 @@ def test_pixel_signature_agrees_with_the_bytes_signature(model_base_path, mnist_
     np.testing.assert_array_equal(by_pixels["digit"], by_bytes["digit"])
 
 
+def test_both_signatures_answer_a_call_of_no_images_with_no_outputs(model_base_path):
+    """What TF Serving runs too: the network alone refuses an empty batch, the exported graph must not."""
+    signatures = tf.saved_model.load(str(model_base_path / "1")).signatures
+    for name, inputs in [("serving_default", {"image_bytes": tf.constant([], tf.string)}),
+                         ("predict_pixels", {"pixels": tf.zeros([0, 28, 28, 1])})]:
+        out = signatures[name](**inputs)
+        assert out["digit"].shape == (0,) and out["digit"].dtype == tf.int64, name
+        assert out["probability"].shape == (0,) and out["probabilities"].shape == (0, 10), name
+
+
 def test_warmup_file_holds_real_predict_requests(model_base_path):
     path = model_base_path / "1" / "assets.extra" / export.WARMUP_FILE
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]

@@ -7,6 +7,8 @@ The SavedModel carries two signatures:
   (`training.preprocessing`), so TF Serving needs nothing else;
 - `predict_pixels`: `pixels` (float32 [None, 28, 28, 1] in [0, 1], white on black) -> the same outputs.
 
+A call of no images answers outputs of no rows in both.
+
 Beside it, `assets.extra/` holds TF Serving's warmup file (real PredictRequests it replays on load),
 `metrics.json` and `model_card.md`, so a model's figures and limits travel with it. The version is written
 into a hidden temporary directory and renamed into place only when complete and verified: a server polling
@@ -27,6 +29,7 @@ import tensorflow as tf
 
 from training import model_card
 from training.calibration import scale_probabilities
+from training.model import NUM_CLASSES
 from training.preprocessing import IMAGE_SIZE, decode_batch
 
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -77,7 +80,10 @@ def build_archive(model: keras.Model, temperature: float = 1.0) -> keras.export.
     archive.track(model)
 
     def from_pixels(pixels):
-        probabilities = model(pixels, training=False)
+        # A call of no images answers no outputs: the network itself refuses an empty batch (TF 2.21's fused
+        # convolution, batch norm and ReLU says "input depth must be evenly divisible by filter depth: 1 vs 32").
+        probabilities = tf.cond(tf.shape(pixels)[0] > 0, lambda: model(pixels, training=False),
+                                lambda: tf.zeros([0, NUM_CLASSES], tf.float32))
         if temperature != 1.0:
             probabilities = scale_probabilities(probabilities, temperature)
         return prediction_outputs(probabilities)
