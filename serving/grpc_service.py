@@ -21,8 +21,9 @@ from tensorflow_serving.apis import (
 )
 
 from serving.errors import ServingError
-from serving.models import ModelManager, Servable
+from serving.models import ModelManager
 from serving.predict import Predictor, PredictResult
+from serving.status import SIGNATURE_DEF_FIELD, model_metadata, model_status
 from serving.tensors import array_from_proto, fill_proto
 
 
@@ -33,25 +34,6 @@ def version_and_label(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None
     if choice == "version_label":
         return None, spec.version_label
     return None, None
-
-
-def signature_def_map(servable: Servable) -> get_model_metadata_pb2.SignatureDefMap:
-    """The metadata TF Serving returns under "signature_def": every SignatureDef of the MetaGraph."""
-    result = get_model_metadata_pb2.SignatureDefMap()
-    for name, signature in servable.signature_defs.items():
-        result.signature_def[name].CopyFrom(signature)
-    return result
-
-
-def status_response(manager: ModelManager, name: str,
-                    version: int | None) -> get_model_status_pb2.GetModelStatusResponse:
-    response = get_model_status_pb2.GetModelStatusResponse()
-    for status in manager.model(name).statuses(version):
-        entry = response.model_version_status.add(version=status.version)
-        entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(status.state)
-        entry.status.error_code = status.error_code
-        entry.status.error_message = status.error_message
-    return response
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
@@ -100,19 +82,19 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
                                context: grpc.aio.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
         fields = list(request.metadata_field)
-        if fields != ["signature_def"]:
-            return await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"Metadata field(s) {fields} not supported: ask for exactly ['signature_def']")
+        if fields != [SIGNATURE_DEF_FIELD]:
+            return await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field(s) {fields} not supported: "
+                                                                         f"ask for exactly ['{SIGNATURE_DEF_FIELD}']")
         try:
             version, label = version_and_label(request.model_spec)
-            with self.predictor.manager.acquire(request.model_spec.name, version, label) as servable:
-                response = get_model_metadata_pb2.GetModelMetadataResponse()
-                response.model_spec.name = servable.name
-                response.model_spec.version.value = servable.version
-                response.metadata["signature_def"].Pack(signature_def_map(servable))
-                return response
+            served, signatures = model_metadata(self.predictor.manager, request.model_spec.name, version, label)
         except ServingError as e:
             return await _abort(context, e)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.version.value = served
+        response.metadata[SIGNATURE_DEF_FIELD].Pack(signatures)
+        return response
 
     async def Classify(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
@@ -133,10 +115,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
                              context: grpc.aio.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
         try:
-            version, label = version_and_label(request.model_spec)
-            if label:
-                version = self.manager.model(request.model_spec.name).resolve(label=label).version
-            return status_response(self.manager, request.model_spec.name, version)
+            return model_status(self.manager, request.model_spec.name, *version_and_label(request.model_spec))
         except ServingError as e:
             return await _abort(context, e)
 

@@ -25,6 +25,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import file_system_storage_path_source_pb2
 
 from serving.errors import ServingError, status_code_from_int
+from serving.tensors import check_input_names
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,7 @@ class Servable:
         Returns the batch size (the shared dim 0) when the request could be merged with others, else None.
         """
         specs = self.input_specs(signature_name)
-        missing, unknown = sorted(set(specs) - set(inputs)), sorted(set(inputs) - set(specs))
-        if unknown:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"input tensor alias not found in signature: {', '.join(unknown)}. "
-                               f"Inputs expected to be in the set {{{', '.join(sorted(specs))}}}.")
-        if missing:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"Missing input tensor alias(es): {', '.join(missing)}")
+        check_input_names(specs, inputs)
         batch_sizes = set()
         for name, spec in specs.items():
             array = inputs[name]

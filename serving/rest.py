@@ -20,10 +20,10 @@ import numpy as np
 from google.protobuf import json_format
 
 from serving.errors import ServingError
-from serving.grpc_service import signature_def_map, status_response
 from serving.models import Servable
 from serving.predict import Predictor
 from serving.static import StaticFiles
+from serving.status import SIGNATURE_DEF_FIELD, model_metadata, model_status
 from serving.tensors import inputs_from_json, outputs_to_json
 
 log = logging.getLogger(__name__)
@@ -253,10 +253,7 @@ class RestHandler(BaseHTTPRequestHandler):
         self._require("GET")
         if match["metadata"]:
             return self._metadata(name, version, label)
-        manager = self.server.predictor.manager
-        if label:
-            version = manager.model(name).resolve(label=label).version
-        response = status_response(manager, name, version)
+        response = model_status(self.server.predictor.manager, name, version, label)
         self._send_json(200, json_format.MessageToDict(response, preserving_proto_field_name=True,
                                                        always_print_fields_with_no_presence=True))
 
@@ -266,10 +263,10 @@ class RestHandler(BaseHTTPRequestHandler):
             raise _MethodNotAllowed(method)
 
     def _metadata(self, name: str, version: int | None, label: str | None) -> None:
-        with self.server.predictor.manager.acquire(name, version, label) as servable:
-            signature_defs = json_format.MessageToDict(signature_def_map(servable), preserving_proto_field_name=True)
-            self._send_json(200, {"model_spec": {"name": name, "signature_name": "", "version": str(servable.version)},
-                                  "metadata": {"signature_def": signature_defs}})
+        served, signatures = model_metadata(self.server.predictor.manager, name, version, label)
+        signature_defs = json_format.MessageToDict(signatures, preserving_proto_field_name=True)
+        self._send_json(200, {"model_spec": {"name": name, "signature_name": "", "version": str(served)},
+                              "metadata": {SIGNATURE_DEF_FIELD: signature_defs}})
 
     def _predict(self, name: str, version: int | None, label: str | None) -> None:
         length = self._content_length()

@@ -9,6 +9,7 @@ in "_bytes" are sent back that way.
 
 import base64
 import binascii
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -117,11 +118,21 @@ def inputs_from_json(body: Any, specs: dict[str, tf.TensorSpec]) -> tuple[dict[s
     return _arrays(named, specs), True
 
 
-def _arrays(named: dict[str, Any], specs: dict[str, tf.TensorSpec]) -> dict[str, np.ndarray]:
-    unknown = sorted(set(named) - set(specs))
+def check_input_names(specs: Mapping[str, tf.TensorSpec], names: Iterable[str]) -> None:
+    """The request's input names against the signature's, with TF Serving's messages: an unknown name first,
+    then a missing one. Servable.check_inputs asks it for every request; REST JSON asks it first, since each
+    value is read as the dtype of the input it names."""
+    names = set(names)
+    unknown, missing = sorted(names - set(specs)), sorted(set(specs) - names)
     if unknown:
         raise _invalid(f"input tensor alias not found in signature: {', '.join(unknown)}. "
                        f"Inputs expected to be in the set {{{', '.join(sorted(specs))}}}.")
+    if missing:
+        raise _invalid(f"Missing input tensor alias(es): {', '.join(missing)}")
+
+
+def _arrays(named: dict[str, Any], specs: dict[str, tf.TensorSpec]) -> dict[str, np.ndarray]:
+    check_input_names(specs, named)
     return {name: json_to_array(value, specs[name], name) for name, value in named.items()}
 
 

@@ -236,6 +236,28 @@ def test_grpc_request_mistakes(server, stub, digits, change, code):
     assert_good_answer(server, stub, digits)
 
 
+@pytest.mark.parametrize("names, message", [
+    (["wrong_name"], "input tensor alias not found in signature: wrong_name. "
+                     "Inputs expected to be in the set {image_bytes}."),
+    (["image_bytes", "extra"], "input tensor alias not found in signature: extra. "
+                               "Inputs expected to be in the set {image_bytes}."),
+    ([], "Missing input tensor alias(es): image_bytes"),
+], ids=["wrong name", "extra name", "no input"])
+def test_input_names_are_refused_alike_over_grpc_and_rest(server, stub, digits, names, message):
+    image = digits[0][0]
+    request = predict_request([])
+    del request.inputs["image_bytes"]
+    for name in names:
+        request.inputs[name].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(request, timeout=30)
+    assert (error.value.code(), error.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    for body in ({"inputs": {name: [b64(image)] for name in names}},
+                 {"instances": [{name: b64(image) for name in names}]}):
+        assert rest(server, "/v1/models/mnist:predict", body) == (400, {"error": message}), body
+    assert_good_answer(server, stub, digits)
+
+
 def test_a_model_name_of_20000_characters_is_not_found_with_a_bounded_message(server, stub, digits):
     request = predict_request(digits[0][:1])
     request.model_spec.name = "m" * 20_000

@@ -1,4 +1,5 @@
-"""Model version management: a new version switched in under load, a broken one ignored, a removed one unloaded."""
+"""Model version management: a new version switched in under load, a broken one ignored, a removed one unloaded,
+and the version policies of a model config file."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def server(base):
     running.stop(grace_seconds=5)
 
 
-def served_version(stub, image: bytes) -> int:
-    return stub.Predict(predict_request([image]), timeout=30).model_spec.version.value
+def served_version(stub, image: bytes, version: int | None = None) -> int:
+    return stub.Predict(predict_request([image], version=version), timeout=30).model_spec.version.value
 
 
 def test_new_version_switches_in_under_load_without_failed_requests(server, base, mnist_png_bytes):
@@ -146,3 +147,43 @@ def test_only_ascii_digit_directories_are_versions_to_the_server_and_the_trainer
         (tmp_path / name).mkdir()
     (tmp_path / "7").write_text("a file, not a version")
     assert sorted(scan_versions(tmp_path)) == export.versions(tmp_path) == [1, 12]
+
+
+POLICY_CONFIG = """
+model_config_list {{
+  config {{
+    name: "mnist"
+    base_path: "{base_path}"
+    model_platform: "tensorflow"
+    model_version_policy {{ {policy} }}
+  }}
+}}
+"""
+
+
+@pytest.mark.parametrize("policy, served", [("specific { versions: 1 }", [1]), ("all {}", [1, 2])],
+                         ids=["specific", "all"])
+def test_a_version_policy_serves_the_versions_it_names(copy_base, tmp_path, mnist_png_bytes, policy, served):
+    """Versions 1 and 2 on disk; the latest policy (the default) would serve only 2."""
+    base = copy_base()
+    shutil.copytree(base / "1", base / "2")
+    config = tmp_path / "models.config"
+    config.write_text(POLICY_CONFIG.format(base_path=base, policy=policy))
+    running = start_test_server(base, model_base_path="", model_config_file=str(config))
+    try:
+        assert model_states(running) == dict.fromkeys(served, ("AVAILABLE", ""))
+        stub = prediction_stub(running)
+        image = mnist_png_bytes[0][0]
+        for version in (1, 2):
+            if version in served:
+                assert served_version(stub, image, version) == version
+                assert rest(running, f"/v1/models/mnist/versions/{version}")[0] == 200
+            else:
+                with pytest.raises(grpc.RpcError) as error:
+                    served_version(stub, image, version)
+                assert error.value.code() == grpc.StatusCode.NOT_FOUND
+                assert rest(running, f"/v1/models/mnist/versions/{version}:predict",
+                            {"instances": [{"b64": base64.b64encode(image).decode()}]})[0] == 404
+        assert served_version(stub, image) == max(served)  # no version asked: the newest of those served
+    finally:
+        running.stop(grace_seconds=5)
