@@ -19,6 +19,7 @@ stay free to read the requests that gRPC hands it one at a time. A batch's answe
 
 import asyncio
 import bisect
+import itertools
 import logging
 import threading
 import time
@@ -44,20 +45,31 @@ class BatchingOptions:
     max_enqueued_batches: int = 100
     allowed_batch_sizes: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        """Refuses parameters that cannot work, every problem at once with the value given: TF Serving's rule
+        for allowed_batch_sizes (strictly increasing, the last one max_batch_size), counts of at least 1."""
+        problems = [f"{name} must be at least 1, not {getattr(self, name)}"
+                    for name in ("max_batch_size", "num_batch_threads", "max_enqueued_batches")
+                    if getattr(self, name) < 1]
+        if self.batch_timeout_micros < 0:
+            problems.append(f"batch_timeout_micros must not be negative, not {self.batch_timeout_micros}")
+        sizes = list(self.allowed_batch_sizes)
+        if sizes and (sizes[0] < 1 or any(b <= a for a, b in itertools.pairwise(sizes))):
+            problems.append(f"allowed_batch_sizes must be positive and strictly increasing, not {sizes}")
+        if sizes and sizes[-1] != self.max_batch_size:
+            problems.append(f"the last of allowed_batch_sizes {sizes} must equal max_batch_size "
+                            f"({self.max_batch_size})")
+        if problems:
+            raise ValueError(f"Batching parameters: {'; '.join(problems)}")
+
     @classmethod
     def from_proto(cls, params) -> "BatchingOptions":
         """From a BatchingParameters message; unset fields keep the defaults above."""
         def get(name: str, default: int) -> int:
             return getattr(params, name).value if params.HasField(name) else default
-        options = cls(get("max_batch_size", cls.max_batch_size), get("batch_timeout_micros", cls.batch_timeout_micros),
-                      get("num_batch_threads", cls.num_batch_threads),
-                      get("max_enqueued_batches", cls.max_enqueued_batches), tuple(params.allowed_batch_sizes))
-        if options.allowed_batch_sizes and (list(options.allowed_batch_sizes) != sorted(options.allowed_batch_sizes)
-                                            or options.allowed_batch_sizes[-1] != options.max_batch_size):
-            raise ValueError("allowed_batch_sizes must increase and end with max_batch_size")
-        if options.max_batch_size < 1 or options.num_batch_threads < 1:
-            raise ValueError("max_batch_size and num_batch_threads must be >= 1")
-        return options
+        return cls(get("max_batch_size", cls.max_batch_size), get("batch_timeout_micros", cls.batch_timeout_micros),
+                   get("num_batch_threads", cls.num_batch_threads),
+                   get("max_enqueued_batches", cls.max_enqueued_batches), tuple(params.allowed_batch_sizes))
 
     @property
     def runs_at_once(self) -> bool:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import threading
+
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from serving.batching import Batcher, BatchingOptions
 from tests.test_server_support import (
     decompression_bomb_png,
     metric_value,
@@ -130,7 +134,6 @@ def test_a_refused_request_leaves_nothing_of_itself_behind_in_the_batcher(model_
     import gc
     import weakref
 
-    from serving.batching import Batcher, BatchingOptions
     from serving.errors import ServingError
     from serving.models import Servable
 
@@ -155,12 +158,114 @@ def test_a_refused_request_leaves_nothing_of_itself_behind_in_the_batcher(model_
             batcher.run(servable, "serving_default", inputs, 1)
         assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and "image" in error.value.message
         del inputs, error
-        assert alive() is None, "a refused request's inputs outlived it (run)"
+        # The batch thread lets go of its batch just after it hands the answers over: a moment, not the collector.
+        wait_for(lambda: alive() is None, timeout=5, what="a refused request's inputs to be freed (run)")
 
         inputs, alive = refused()
         assert asyncio.run(ask_async(inputs)) == grpc.StatusCode.INVALID_ARGUMENT
         del inputs
-        assert alive() is None, "a refused request's inputs outlived it (run_async)"
+        wait_for(lambda: alive() is None, timeout=5, what="a refused request's inputs to be freed (run_async)")
     finally:
         gc.enable()
         batcher.stop()
+
+
+class RowServable:
+    """What the Batcher asks of a servable, run(signature_name, inputs) and an identity, and no more: answers
+    y = 10 x + 1 for each row of input x and notes the rows of each call. While its gate is closed a call waits,
+    as a long batch holds its batch thread."""
+
+    def __init__(self, gate_open: bool = True) -> None:
+        self.rows_per_call: list[int] = []
+        self.running = threading.Event()
+        self.gate = threading.Event()
+        if gate_open:
+            self.gate.set()
+
+    def run(self, signature_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.running.set()
+        assert self.gate.wait(timeout=120), "the gate was never opened"
+        self.rows_per_call.append(len(inputs["x"]))
+        return {"y": 10 * inputs["x"] + 1}
+
+
+def hold_the_batch_slot(batcher: Batcher) -> tuple[RowServable, threading.Thread]:
+    """Occupies the batcher's one batch slot with a call that waits for its gate (`.gate.set()` ends it): what
+    arrives meanwhile queues up."""
+    slow = RowServable(gate_open=False)
+    thread = threading.Thread(target=batcher.run, args=(slow, "serving_default", {"x": np.zeros((1, 1))}, 1),
+                              name="holds-the-slot")
+    thread.start()
+    assert slow.running.wait(timeout=30), "the slow call never started"
+    return slow, thread
+
+
+@pytest.mark.parametrize("requests, padded_to", [([[1, 2], [3]], 4), ([[1, 2], [3], [4, 5]], 8)],
+                         ids=["3 rows run as 4", "5 rows run as 8"])
+def test_a_merged_batch_is_padded_to_an_allowed_size_and_each_request_gets_only_its_rows(requests, padded_to):
+    batcher = Batcher(BatchingOptions(max_batch_size=8, batch_timeout_micros=0, num_batch_threads=1,
+                                      allowed_batch_sizes=(2, 4, 8)))
+    model = RowServable()
+    answers: dict[int, np.ndarray] = {}
+
+    def ask(i: int) -> None:
+        x = np.array(requests[i], dtype=np.float32).reshape(-1, 1)
+        answers[i] = batcher.run(model, "serving_default", {"x": x}, len(x))["y"]
+
+    slow, holder = hold_the_batch_slot(batcher)
+    askers = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+    try:
+        for thread in askers:
+            thread.start()
+        wait_for(lambda: batcher.queued() == len(requests), what="the requests to queue behind the slow call")
+    finally:
+        slow.gate.set()  # the slot frees: what is queued leaves as one batch
+        for thread in [holder, *askers]:
+            thread.join(timeout=60)
+        batcher.stop()
+    assert model.rows_per_call == [padded_to]
+    for i, rows in enumerate(requests):
+        np.testing.assert_array_equal(answers[i], 10 * np.array(rows, dtype=np.float32).reshape(-1, 1) + 1)
+
+
+QUEUE_FULL_CONFIG = """
+max_batch_size { value: 2 }
+batch_timeout_micros { value: 0 }
+num_batch_threads { value: 1 }
+max_enqueued_batches { value: 2 }
+"""
+
+
+def test_a_full_batch_queue_answers_unavailable_and_the_server_keeps_serving(model_base_path, tmp_path, expected):
+    """Its one batch slot held, the queue takes max_enqueued_batches x max_batch_size = 4 images; a fifth is
+    refused at once with TF Serving's UNAVAILABLE (HTTP 503), a status that tells a client to try again."""
+    images, digits = expected
+    config = tmp_path / "batching.config"
+    config.write_text(QUEUE_FULL_CONFIG)
+    running = start_test_server(model_base_path, enable_batching=True, batching_parameters_file=str(config))
+    slow, holder = hold_the_batch_slot(running.batcher)
+    try:
+        stub = prediction_stub(running)
+        queued = [stub.Predict.future(predict_request(images[i:i + 2]), timeout=120) for i in (0, 2)]
+        wait_for(lambda: running.batcher.queued() == 2, what="4 images in the batch queue")
+
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Predict(predict_request(images[4:5]), timeout=20)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value.details()
+        assert "queue" in error.value.details() and "full" in error.value.details()
+        status, body = rest(running, "/v1/models/mnist:predict",
+                            {"instances": [{"b64": base64.b64encode(images[4]).decode()}]})
+        assert status == 503 and "full" in body["error"], body
+
+        slow.gate.set()
+        answers = [tf.make_ndarray(future.result().outputs["digit"]) for future in queued]
+        np.testing.assert_array_equal(np.concatenate(answers), digits[:4])
+        again = stub.Predict(predict_request(images[4:6]), timeout=120)
+        np.testing.assert_array_equal(tf.make_ndarray(again.outputs["digit"]), digits[4:6])
+        status, body = rest(running, "/v1/models/mnist:predict",
+                            {"instances": [{"b64": base64.b64encode(images[4]).decode()}]})
+        assert status == 200 and body["predictions"][0]["digit"] == digits[4], body
+    finally:
+        slow.gate.set()
+        holder.join(timeout=60)
+        running.stop(grace_seconds=5)
