@@ -81,6 +81,13 @@ def test_renderings_are_files_of_the_stated_kind(mnist_test_arrays):
     assert page.startswith(b"\xff\xd8") and tf.io.decode_jpeg(page).shape == (600, 800, 3)
 
 
+def test_the_28x28_files_hold_the_digits_pixels_exactly(mnist_test_arrays):
+    images = mnist_test_arrays[0][:8]
+    files = robustness.png_files(images)
+    assert all(f.startswith(b"\x89PNG") for f in files)
+    np.testing.assert_array_equal(np.stack([tf.io.decode_png(f).numpy() for f in files]), images)
+
+
 def test_inverted_and_black_on_white_digits_get_the_clean_answers(signature, mnist_test_arrays):
     images = mnist_test_arrays[0][:N]
     clean = robustness.predict_files(signature, evaluate.encode_pngs(images))

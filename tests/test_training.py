@@ -1,6 +1,5 @@
 """A tiny training run, end to end: callbacks, export, reload, predictions on PNG bytes, versions, resume."""
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -328,16 +327,74 @@ def test_a_run_always_finishes_its_schedule_and_keeps_its_last_weights(tmp_path,
     assert accuracy == pytest.approx(history["val_accuracy"][-1], abs=1e-6)  # the last epoch's weights, kept
 
 
+def _card(**settings) -> str:
+    from training import model_card
+
+    return model_card.render({"config": Config(**settings).to_dict()}, 1)
+
+
 def test_the_model_card_states_the_augmentation_the_run_used():
     from training import model_card
 
-    text = model_card.augmentation(dataclasses.asdict(Config(rotation_degrees=15, line_probability=0.1,
-                                                             outline_probability=0.0, noise_probability=0.2,
-                                                             impulse_max=0.25)))
-    assert "rotation ±15°" in text and "a straight stroke across on 10%" in text
-    assert "up to 25% of the pixels) on 20% of digits" in text and "outline" not in text
-    assert model_card.augmentation(dataclasses.asdict(Config(augment=False))) == "none"
-    assert "the last 8 epochs geometric only" in model_card.augmentation(dataclasses.asdict(Config(plain_epochs=8)))
+    default = model_card.augmentation(Config())
+    assert "noise" in default and "outline" in default and "rotation ±15°" in default
+    noiseless = model_card.augmentation(Config(noise_probability=0.0))
+    assert "noise" not in noiseless and "rotation ±15°" in noiseless
+    turned = model_card.augmentation(Config(rotation_degrees=7.5, impulse_max=0.4, line_probability=0.0))
+    assert "rotation ±7.5°" in turned and "±15°" not in turned and "40% of the pixels" in turned
+    assert "stroke drawn across" in default and "stroke drawn across" not in turned
+    still = Config(rotation_degrees=0, shear_fraction=0, shift_fraction=0, zoom_fraction=0)
+    assert "affine" not in model_card.augmentations(still)
+    assert not any(word in model_card.augmentation(still) for word in ("rotation", "shear", "shift", "zoom"))
+    assert model_card.augmentations(Config(augment=False)) == {}
+    assert "Augmentation: none." in _card(augment=False)
+
+
+def test_the_model_card_lists_the_augmentations_in_the_order_the_pipeline_applies_them(monkeypatch):
+    from training import data, model_card
+
+    kinds = {"random_outline": "outline", "random_noise": "noise", "random_affine": "affine",
+             "random_stroke_width": "stroke_width", "random_occlusion": "occlusion", "random_line": "line"}
+    applied = []
+    for function, kind in kinds.items():
+        monkeypatch.setattr(data, function, lambda images, *args, kind=kind, **kwargs: applied.append(kind) or images)
+    data.augmenter(Config())(tf.zeros([2, 28, 28, 1]))
+    assert list(model_card.augmentations(Config())) == applied == list(kinds.values())
+
+
+def test_the_model_card_states_the_plain_finish_only_when_it_turns_something_off():
+    from training import model_card
+
+    assert "in the last 8 epochs the affine map only" in model_card.augmentation(Config(epochs=40, plain_epochs=8))
+    assert "last" not in model_card.augmentation(Config(plain_epochs=0))
+    geometric_only = Config(plain_epochs=8, outline_probability=0, noise_probability=0, stroke_probability=0,
+                            occlusion_probability=0, line_probability=0)
+    assert "last" not in model_card.augmentation(geometric_only)
+    all_plain = model_card.augmentations(Config(epochs=5, plain_epochs=5))  # the others never applied
+    assert list(all_plain) == ["affine"]
+
+
+def test_the_model_card_says_when_batch_norm_and_the_weight_average_were_used():
+    assert "batch normalisation" in _card(batch_norm=True) and "batch normalisation" not in _card(batch_norm=False)
+    averaged = _card(ema=True, ema_momentum=0.995, batch_norm=True)
+    assert "moving average" in averaged and "0.995" in averaged and "batch-norm statistics re-estimated" in averaged
+    assert "re-estimated" not in _card(ema=True, batch_norm=False)
+    plain = _card(ema=False, ema_momentum=0.995)
+    assert "moving average" not in plain and "0.995" not in plain and "last training step" in plain
+
+
+def test_the_model_card_takes_its_numbers_from_the_code(monkeypatch):
+    from training import calibration, data, model_card
+
+    monkeypatch.setattr(calibration, "ECE_BINS", 23)
+    monkeypatch.setattr(preprocessing, "MAX_SIDE", 1234)
+    monkeypatch.setattr(data, "TRAIN_SIZE", 70_000)
+    metrics = {"config": Config().to_dict(), "calibration": {"temperature": 1.5, "test": {}}}
+    card = model_card.render(metrics, 1)
+    assert "ECE (23 bins)" in card and "15 bins" not in card
+    assert "1234 pixels a side" in card and "4096" not in card
+    assert "of the 70,000 training images" in card
+    assert "not published" in model_card.render({}, 1)  # no config: no settings claimed
 
 
 def test_the_plain_finish_turns_the_other_augmentations_off_for_the_last_epochs_even_after_a_resume(

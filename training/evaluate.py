@@ -2,7 +2,8 @@
 
 Writes `metrics.json` and PNG plots (training curves, confusion matrix, misclassified digits) into a
 reports directory. `python -m training.evaluate --model models/mnist` evaluates the newest exported version
-on the MNIST test set without training anything.
+on the MNIST test set without training anything; with `--robustness` it writes the robustness report of
+`training.robustness` instead.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from training import data
+from training import data, plots, robustness
 from training.config import Config
 from training.export import versions
-
-NUM_CLASSES = 10
+from training.model import NUM_CLASSES
 
 
 def encode_pngs(images: np.ndarray) -> list[bytes]:
@@ -79,21 +79,12 @@ def evaluate_export(export_path: str | Path, images: np.ndarray, labels: np.ndar
 
 # --- plots ---------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_history(history_csv: Path, out: Path) -> None:
     with open(history_csv) as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    plt = _pyplot()
+    plt = plots.pyplot()
     epochs = [int(r["epoch"]) + 1 for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("loss", "accuracy")):
@@ -105,12 +96,11 @@ def plot_history(history_csv: Path, out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    plots.save(fig, out)
 
 
 def plot_confusion(confusion: list[list[int]], out: Path) -> None:
-    plt = _pyplot()
+    plt = plots.pyplot()
     matrix = np.array(confusion)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     shown = np.where(np.eye(NUM_CLASSES, dtype=bool), 0, matrix)  # colour the errors, not the diagonal
@@ -127,13 +117,12 @@ def plot_confusion(confusion: list[list[int]], out: Path) -> None:
     ax.set_title("confusion matrix (test set; colour = errors)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    plots.save(fig, out)
 
 
 def plot_misclassified(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, out: Path,
                        limit: int = 48) -> None:
-    plt = _pyplot()
+    plt = plots.pyplot()
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)[:limit]
     cols = 8
@@ -146,8 +135,7 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, probabilities: np
         ax.set_title(f"{labels[i]}→{predicted[i]} ({probabilities[i, predicted[i]]:.2f})", fontsize=8)
     fig.suptitle(f"misclassified test digits: true→predicted (probability), {len(wrong)} shown")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    plots.save(fig, out)
 
 
 def write_reports(reports_dir: str | Path, metrics: dict, images: np.ndarray, labels: np.ndarray,
@@ -180,13 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Config(data_dir=args.data_dir, test_subset=args.test_subset)
     images, labels = load_test_arrays(cfg)
     if args.robustness:
-        from training import robustness  # it imports this module
-
         print(f"[evaluate] robustness of {path} on {len(labels)} test images", flush=True)
         report = robustness.robustness_report(path, images, labels, args.reports_dir)
         print(robustness.format_table(report))
-        print(f"[evaluate] robustness.json, robustness.png, robustness_examples.png, mnist_c.png, "
-              f"mnist_c_contact_sheet.png in {args.reports_dir}")
+        print(f"[evaluate] {', '.join(robustness.OUTPUTS)} in {args.reports_dir}")
         return
     print(f"[evaluate] {path} on {len(labels)} test images sent as PNG bytes", flush=True)
     test, probabilities = evaluate_export(path, images, labels)

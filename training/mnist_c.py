@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training import plots
+
 SEED = 1234
 SIZE = 28
 CENTRE = (SIZE - 1) / 2  # 13.5: the affine corruptions keep the image centre where it is, as the original does
@@ -465,12 +467,9 @@ def corrupt(name: str, images: np.ndarray, seed: int = SEED) -> np.ndarray:
 
 
 def contact_sheet(images: np.ndarray, path: Path, seed: int = SEED) -> Path:
-    """A PNG with the first 8 digits clean on top, then one labelled row per corruption, in the paper's order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """A PNG with the first SHEET_COLUMNS digits clean on top, then one labelled row per corruption, in the paper's
+    order."""
+    plt = plots.pyplot()
     digits = _check(images)[:SHEET_COLUMNS]
     rows = [("clean", digits), *((name, corrupt(name, digits, seed)) for name in CORRUPTIONS)]
     fig, axes = plt.subplots(len(rows), len(digits), figsize=(1.6 + 0.75 * len(digits), 0.75 * len(rows)),
@@ -483,8 +482,4 @@ def contact_sheet(images: np.ndarray, path: Path, seed: int = SEED) -> Path:
         row_axes[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
     fig.suptitle("MNIST-C corruptions (Mu & Gilmer 2019)", fontsize=11)
     fig.subplots_adjust(left=0.2, right=0.98, top=0.96, bottom=0.01, wspace=0.05, hspace=0.05)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path, dpi=100)

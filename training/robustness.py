@@ -16,11 +16,11 @@ bytes, the way users and TF Serving send them:
 Everything is deterministic: random choices (signs, noise, positions) come from generators seeded by SEED,
 the variant's name and the batch (for MNIST-C, each batch of BATCH_SIZE digits is corrupted with a seed drawn
 from that generator). An image the model refuses (for example "no ink found") counts as
-wrong and is reported as refused. Outputs in the reports directory: `robustness.json`,
-`robustness.png` (accuracy per variant with the 90% and 97% lines), `robustness_examples.png` (a few
-digits per variant: the file as sent, and the 28x28 the model sees after the in-graph preprocessing),
-`mnist_c.png` (accuracy per MNIST-C corruption, seen and unseen families apart) and
-`mnist_c_contact_sheet.png` (eight test digits under each of the 15 corruptions).
+wrong and is reported as refused. Outputs in the reports directory (OUTPUTS): `robustness.json`,
+`robustness.png` (accuracy per variant, with lines at CORRUPTION_FLOOR and CORRUPTION_MEAN_TARGET),
+`robustness_examples.png` (a few digits per variant: the file as sent, and the 28x28 the model sees after the
+in-graph preprocessing), `mnist_c.png` (accuracy per MNIST-C corruption, seen and unseen families apart) and
+`mnist_c_contact_sheet.png` (the first test digits under each MNIST-C corruption).
 
 Run it with `python -m training.evaluate --model models/mnist --robustness [--test-subset N]`.
 """
@@ -40,9 +40,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageFilter
 
-from training import mnist_c
-from training.evaluate import NUM_CLASSES, _pyplot, encode_pngs
+from training import mnist_c, plots
 from training.mnist_c import SEED  # one seed for every corrupted test set
+from training.model import NUM_CLASSES
 from training.preprocessing import decode_batch
 
 BATCH_SIZE = 256
@@ -60,13 +60,19 @@ MOTION_PIXELS = 5  # horizontal box blur
 CONTRAST = 0.3  # the range squeezed to 30% around mid-grey
 STRIPE_WIDTH, STRIPE_PERIOD, STRIPE_LEVEL = 2, 7, 51  # 2 px rows every 7 px, 20% grey, painted over
 
-# Done-criteria of issue 4.
+# The targets `summarize` checks: clean accuracy, the mean over the corruptions above and the floor no corruption
+# may fall below, how far below clean a real-world file may read ...
 CLEAN_TARGET = 0.995
 CORRUPTION_MEAN_TARGET = 0.97
 CORRUPTION_FLOOR = 0.90
 FILE_TOLERANCE = 0.003
-# Done-criteria of issue 13: MNIST-C's mean, over all 15 corruptions and over the families training did not see.
+# ... and MNIST-C's mean, over all its corruptions and over the families training did not see.
 MNIST_C_TARGET = 0.97
+
+# What the report writes into the reports directory.
+REPORT_JSON, ACCURACY_PLOT, EXAMPLES_PLOT = "robustness.json", "robustness.png", "robustness_examples.png"
+MNIST_C_PLOT, MNIST_C_SHEET = "mnist_c.png", "mnist_c_contact_sheet.png"
+OUTPUTS = (REPORT_JSON, ACCURACY_PLOT, EXAMPLES_PLOT, MNIST_C_PLOT, MNIST_C_SHEET)
 
 # MNIST-C families and the augmentation settings (Config fields) that apply their kind of change to training
 # digits (training.data.augmenter). Which families a model saw is read from the training config published
@@ -278,12 +284,17 @@ RENDERINGS: dict[str, tuple[str, Callable[[np.ndarray, np.random.Generator], lis
 }
 
 
+def png_files(images: np.ndarray) -> list[bytes]:
+    """uint8 digits [n, 28, 28, 1] as 28x28 grey PNG files (lossless: the model decodes the digits' own pixels)."""
+    return [_encode(Image.fromarray(image[:, :, 0]), "PNG") for image in images]
+
+
 def _as_pngs(corrupt: Callable[[np.ndarray, np.random.Generator], np.ndarray]):
-    return lambda images, rng: encode_pngs(corrupt(images, rng))
+    return lambda images, rng: png_files(corrupt(images, rng))
 
 
 def _mnist_c_files(name: str) -> Callable[[np.ndarray, np.random.Generator], list[bytes]]:
-    return lambda images, rng: encode_pngs(mnist_c.corrupt(name, images, seed=int(rng.integers(2**31))))
+    return lambda images, rng: png_files(mnist_c.corrupt(name, images, seed=int(rng.integers(2**31))))
 
 
 def _first_line(text: str | None) -> str:
@@ -294,7 +305,7 @@ def variants(seen: dict[str, str] | None = None) -> list[Variant]:
     """Every variant of the report, clean first; `seen` marks the MNIST-C families training saw (default: all
     that the augmentation can apply)."""
     seen = seen_in_training({}) if seen is None else seen
-    out = [Variant("clean", "clean", "the test digits as 28x28 PNG", lambda images, rng: encode_pngs(images))]
+    out = [Variant("clean", "clean", "the test digits as 28x28 PNG", lambda images, rng: png_files(images))]
     out += [Variant(name, "corruption", text, _as_pngs(fn)) for name, (text, fn) in CORRUPTIONS.items()]
     out += [Variant(name, "file", text, fn) for name, (text, fn) in RENDERINGS.items()]
     out += [Variant(f"mnist_c_{name}", "mnist_c", _first_line(fn.__doc__), _mnist_c_files(name),
@@ -333,7 +344,7 @@ def evaluate_variant(signature, variant: Variant, images: np.ndarray, seed: int 
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's done-criteria, measured."""
+    """The report's figures and which of its targets (CLEAN_TARGET ... MNIST_C_TARGET) they meet."""
     clean = next(r["accuracy"] for r in results if r["group"] == "clean")
     corruptions = {r["name"]: r["accuracy"] for r in results if r["group"] == "corruption"}
     files = {r["name"]: r["accuracy"] for r in results if r["group"] == "file"}
@@ -376,7 +387,7 @@ def _mean(values) -> float:
 
 def robustness_report(export_path: str | Path, images: np.ndarray, labels: np.ndarray,
                       reports_dir: str | Path, seed: int = SEED, log: Callable[[str], None] | None = None) -> dict:
-    """Measures every variant through the serving signature and writes the JSON and the two PNGs."""
+    """Measures every variant through the serving signature and writes OUTPUTS into `reports_dir`."""
     log = log or (lambda message: print(message, flush=True))
     loaded = tf.saved_model.load(str(export_path))
     signature = loaded.signatures["serving_default"]
@@ -401,11 +412,11 @@ def robustness_report(export_path: str | Path, images: np.ndarray, labels: np.nd
               "summary": summarize(results), "variants": results}
     reports = Path(reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "robustness.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_accuracies(results, reports / "robustness.png")
-    plot_examples(shown, labels[examples], results, reports / "robustness_examples.png")
-    plot_mnist_c(results, reports / "mnist_c.png")
-    mnist_c.contact_sheet(images, reports / "mnist_c_contact_sheet.png", seed)
+    (reports / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    plot_accuracies(results, reports / ACCURACY_PLOT)
+    plot_examples(shown, labels[examples], results, reports / EXAMPLES_PLOT)
+    plot_mnist_c(results, reports / MNIST_C_PLOT)
+    mnist_c.contact_sheet(images, reports / MNIST_C_SHEET, seed)
     return report
 
 
@@ -424,7 +435,7 @@ def format_table(report: dict) -> str:
     summary = report["summary"]
     lines.append(f"mean over corruptions: {summary['corruption_mean_accuracy']:.4f}")
     if "mnist_c_mean_accuracy" in summary:
-        lines.append(f"MNIST-C mean: {summary['mnist_c_mean_accuracy']:.4f} over all 15, "
+        lines.append(f"MNIST-C mean: {summary['mnist_c_mean_accuracy']:.4f} over all {len(mnist_c.CORRUPTIONS)}, "
                      f"{summary['mnist_c_unseen_mean_accuracy']:.4f} over the families training did not see, "
                      f"{summary['mnist_c_seen_mean_accuracy']:.4f} over those it saw "
                      f"({', '.join(report.get('mnist_c_seen_in_training', {})) or 'none'})")
@@ -442,7 +453,7 @@ GROUP_COLOURS = {"clean": "tab:green", "corruption": "tab:blue", "file": "tab:or
 
 
 def plot_accuracies(results: list[dict[str, Any]], out: Path) -> None:
-    plt = _pyplot()
+    plt = plots.pyplot()
     names = [r["name"] for r in results]
     accuracies = [r["accuracy"] for r in results]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(results) + 1.5))
@@ -457,14 +468,13 @@ def plot_accuracies(results: list[dict[str, Any]], out: Path) -> None:
     ax.set_title("robustness: clean (green), corruptions (blue), real-world files (orange), MNIST-C (purple)")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    plots.save(fig, out)
 
 
 def plot_mnist_c(results: list[dict[str, Any]], out: Path) -> None:
-    """Accuracy per MNIST-C corruption: families training never saw in blue, those it saw in grey, with the
-    97% target and the mean over the unseen families."""
-    plt = _pyplot()
+    """Accuracy per MNIST-C corruption: families training never saw in blue, those it saw in grey, with
+    MNIST_C_TARGET and the mean over the unseen families."""
+    plt = plots.pyplot()
     rows = [r for r in results if r["group"] == "mnist_c"]
     if not rows:
         return
@@ -483,8 +493,7 @@ def plot_mnist_c(results: list[dict[str, Any]], out: Path) -> None:
     ax.set_title("MNIST-C: families training never saw (blue), seen by its augmentation (grey)", fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    plots.save(fig, out)
 
 
 CELL, GAP = 56, 4  # pixels of one example in the grid, and between examples
@@ -526,7 +535,7 @@ def plot_examples(shown: dict[str, tuple[list[bytes], np.ndarray]], labels: np.n
                   results: list[dict[str, Any]], out: Path) -> None:
     """One row per variant; per example the file as sent (left) and the 28x28 the model sees after the
     in-graph preprocessing (right, with the prediction beneath: red when wrong)."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     accuracy = {r["name"]: r["accuracy"] for r in results}
     count, step = len(labels), CELL + GAP
     mosaic = np.ones((len(shown) * (step + 12), count * (2 * CELL + 2 * GAP)), np.float32)
@@ -544,5 +553,4 @@ def plot_examples(shown: dict[str, tuple[list[bytes], np.ndarray]], labels: np.n
     ax.axis("off")
     ax.set_title("robustness examples: file as sent | what the model sees (prediction; red = wrong)", fontsize=9)
     fig.subplots_adjust(left=1.5 / fig.get_figwidth(), right=0.995, top=1 - 0.3 / fig.get_figheight(), bottom=0)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    plots.save(fig, out, dpi=80)
