@@ -37,7 +37,7 @@ class Predictor:
         self.manager, self.batcher, self.metrics = manager, batcher, metrics
         self.trimmer = trimmer  # told each request's size: gives the heap back after bursts of large ones
         self.limits = limits or RequestLimits()  # images a request may hold (serving/limits.py; pixels: the graph)
-        self.executor = executor  # predict_async without batching: where the signature runs
+        self.executor = executor  # where a call the batcher does not take runs
 
     @contextmanager
     def _serving(self, model_name: str, version: int | None, label: str | None,
@@ -65,6 +65,8 @@ class Predictor:
                 batch_size = self._check(servable, signature_name, inputs, output_filter)
                 if self.batcher and batch_size:
                     outputs = self.batcher.run(servable, signature_name, inputs, batch_size)
+                elif self.executor:  # not on the caller's thread: see serving/batching.py on REST threads
+                    outputs = self.executor.submit(servable.run, signature_name, inputs).result()
                 else:
                     outputs = servable.run(signature_name, inputs)
                 return self._result(servable, signature_name, outputs, output_filter)

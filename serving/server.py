@@ -58,7 +58,7 @@ from serving.static import DEFAULT_STATIC_DIR
 log = logging.getLogger("serving")
 
 MAX_MESSAGE_BYTES = MAX_BODY_BYTES
-PREDICT_THREADS = 64  # without batching, gRPC Predict calls run the signature on this many threads at most
+PREDICT_THREADS = 64  # calls the batcher does not take (all, without batching) run on this many threads at most
 DEFAULT_METRICS_PATH = "/monitoring/prometheus/metrics"
 
 
@@ -198,6 +198,8 @@ class RunningServer:
             self._executor.shutdown(wait=False)
         if self.trimmer:
             self.trimmer.stop()
+            if self.trimmer.available:
+                log.info("Memory: %s", self.trimmer.summary())
         self.manager.stop()
         log.info("Stopped")
 
@@ -224,7 +226,9 @@ def start_server(options: ServerOptions) -> RunningServer:
     manager.start()
     log.info("Models loaded; polling every %s s", options.file_system_poll_wait_seconds or "never (disabled)")
 
-    executor = None if batcher else futures.ThreadPoolExecutor(PREDICT_THREADS, thread_name_prefix="predict")
+    # Where a call the batcher does not take runs (every call without batching): threads that live as long as
+    # the server, never a REST connection's own (TensorFlow keeps state for each thread that ever ran it).
+    executor = futures.ThreadPoolExecutor(PREDICT_THREADS, thread_name_prefix="predict")
     limits = RequestLimits(options.max_images_per_request)
     trimmer = Trimmer().start()  # heap that large requests freed, given back once a burst of them is over
     predictor = Predictor(manager, batcher, metrics, executor, limits, trimmer)
