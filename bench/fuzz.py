@@ -86,6 +86,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
+from bench import soak
 from bench.serving import ServerProcess, machine, version_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -499,6 +500,7 @@ class Target:
     pid: int
     alive: Callable[[], bool] = lambda: True
     log_findings: Callable[[], dict] = lambda: {"tracebacks": 0, "lines": []}
+    probe: Callable[[], dict] | None = None  # the server's own accounts of its memory (--probe-every)
     follow_up: bytes = b""  # the valid request sent after a kept-alive one
     channel: grpc.Channel | None = None
 
@@ -1276,6 +1278,7 @@ class Settings:
     spike_mb: float = 256.0
     max_growth_mb: float = 100.0
     replays: int = 8
+    probe_every: float = 0.0
 
 
 class PhaseRun:
@@ -1439,20 +1442,33 @@ def run_phase(target: Target, material: Material, settings: Settings, budget: Bu
     rss_start = target.status("VmRSS")
     started = time.monotonic()
 
+    probes: list[dict] = []
+
     def sample() -> None:
         while not stop.is_set():
             samples.append((time.monotonic() - started, target.status("VmRSS")))
             stop.wait(0.5)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    def probe() -> None:  # what holds the memory: Python's heap, glibc's bytes in use and free in its arenas
+        while not stop.wait(settings.probe_every):
+            report = target.probe()
+            probes.append({"t": round(time.monotonic() - started, 1), "rss_mb": round(target.status("VmRSS"), 1),
+                           **{key: report.get(key) for key in ("python_traced_mb", "glibc", "python_grown",
+                                                              "threads", "error")}})
+
+    threads = [threading.Thread(target=sample, daemon=True)]
+    if settings.probe_every and target.probe:
+        threads.append(threading.Thread(target=probe, daemon=True))
+    for thread in threads:
+        thread.start()
     budget.started = time.monotonic()
     phase = PhaseRun(target, material, settings, budget, reference)
     try:
         phase.run()
     finally:
         stop.set()
-        sampler.join()
+        for thread in threads:
+            thread.join()
     seconds = time.monotonic() - budget.started
     peak = target.status("VmHWM")
     failures = list(phase.failures)
@@ -1493,7 +1509,7 @@ def run_phase(target: Target, material: Material, settings: Settings, budget: Bu
               "samples": [[round(t, 1), round(mb, 1)] for t, mb in samples[::max(1, len(samples) // 120)]],
               "spikes": [{"peak_mb": s["peak_mb"], "rise_mb": s["rise_mb"],
                           "suspects": len(s["suspects"])} for s in phase.spikes],
-              "replays": replays}
+              "replays": replays, "probes": probes}
     if not math.isnan(rss_end) and rss_end - warm > settings.max_growth_mb:
         failures.append({"failure": f"RSS grew by {rss_end - warm:.0f} MB from the run's second quarter to its end "
                                     f"(more than {settings.max_growth_mb:.0f})", "family": "memory", "kind": "growth"})
@@ -1531,14 +1547,14 @@ def group_failures(failures: list[dict]) -> list[dict]:
 class FuzzedServer(ServerProcess):
     """The embedded server as a subprocess, its address space limited, its log scanned for tracebacks."""
 
-    def __init__(self, command: list[str], address_space_mb: int) -> None:
+    def __init__(self, command: list[str], address_space_mb: int, env: dict[str, str] | None = None) -> None:
         def limit() -> None:
             if address_space_mb:
                 size = address_space_mb * 2**20
                 resource.setrlimit(resource.RLIMIT_AS, (size, size))
 
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", preexec_fn=limit)
+                                     errors="replace", preexec_fn=limit, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self.ports: dict[str, int] = {}
         self.tracebacks = 0
@@ -1560,8 +1576,11 @@ class FuzzedServer(ServerProcess):
         return {"tracebacks": self.tracebacks, "lines": self.traceback_lines[:200]}
 
 
-def server_command(base: Path, batching: bool, extra: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "serving.server", f"--model_name={MODEL_NAME}", f"--model_base_path={base}",
+def server_command(base: Path, batching: bool, extra: list[str], probed: bool = False) -> list[str]:
+    """The server's command; `probed`, through bench.soak's launcher, which writes its accounts at each SIGUSR1
+    (tracemalloc on: slower)."""
+    module = ("bench.soak", "serve") if probed else ("serving.server",)
+    command = [sys.executable, "-m", *module, f"--model_name={MODEL_NAME}", f"--model_base_path={base}",
                "--port=0", "--rest_api_port=0", "--host=127.0.0.1", "--file_system_poll_wait_seconds=0",
                f"--monitoring_config_file={ROOT / 'serving' / 'monitoring.config'}", *SERVER_FLAGS]
     if batching:
@@ -1627,13 +1646,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "tfds"), help="MNIST (tfds) for the digits")
     parser.add_argument("--no-large-images", action="store_true", help="leave out the 4096 px images")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for serving.server")
+    parser.add_argument("--probe-every", type=float, default=0.0, metavar="SECONDS",
+                        help="run the server through bench.soak's launcher and record its Python heap and glibc's "
+                             "accounts (in use, free in arenas) this often (tracemalloc slows the server)")
     parser.add_argument("--out", type=Path, help="the summary as JSON")
     args = parser.parse_args(argv)
     if args.smoke:
         args.cases = args.cases or 300
         args.batching = "on" if args.batching == "both" else args.batching
     settings = Settings(duration=args.duration, cases=args.cases, concurrency=args.concurrency, seed=args.seed,
-                        timeout=args.timeout, spike_mb=args.spike_mb, max_growth_mb=args.max_growth_mb)
+                        timeout=args.timeout, spike_mb=args.spike_mb, max_growth_mb=args.max_growth_mb,
+                        probe_every=args.probe_every)
 
     def progress(message: str) -> None:
         print(f"[fuzz] {message}", flush=True)
@@ -1654,10 +1677,14 @@ def main(argv: list[str] | None = None) -> int:
     for i, batching in enumerate(modes):
         name = f"batching {'on' if batching else 'off'}"
         progress(f"{name}: starting the server")
-        command = server_command(workdir, batching, args.server_arg)
-        server = FuzzedServer(command, args.address_space_mb)
+        command = server_command(workdir, batching, args.server_arg, probed=bool(args.probe_every))
+        probe_file = workdir / f"probe-{i}.json"
+        server = FuzzedServer(command, args.address_space_mb,
+                              env={soak.PROBE_FILE_ENV: str(probe_file)} if args.probe_every else None)
+        probes_asked = iter(range(1, 1 << 30))
         target = Target(server.ports["rest_port"], server.ports["grpc_port"], server.proc.pid,
-                        alive=lambda s=server: s.proc.poll() is None, log_findings=server.findings)
+                        alive=lambda s=server: s.proc.poll() is None, log_findings=server.findings,
+                        probe=lambda s=server, f=probe_file, n=probes_asked: soak.probe(s, f, next(n)))
         phase_settings = Settings(**{**settings.__dict__, "seed": args.seed * 10 + i})
         budget = Budget(args.duration / len(modes), None if args.cases is None else args.cases // len(modes))
         try:
