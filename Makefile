@@ -29,7 +29,7 @@ $(VENV)/.installed: requirements.txt
 
 ## data: make the tfds dataset `mnist` available offline in $(DATA_DIR)
 data: venv
-	$(PY) -m training.data --data-dir $(DATA_DIR) --cache-dir data/cache
+	$(PY) -m training.mnist --data-dir $(DATA_DIR) --cache-dir data/cache
 
 ## train: train, evaluate and export the next version under $(MODEL_BASE); TRAIN_FLAGS="--epochs 2" etc.
 train: venv

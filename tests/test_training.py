@@ -384,11 +384,11 @@ def test_the_model_card_says_when_batch_norm_and_the_weight_average_were_used():
 
 
 def test_the_model_card_takes_its_numbers_from_the_code(monkeypatch):
-    from training import calibration, data, model_card
+    from training import calibration, mnist, model_card
 
     monkeypatch.setattr(calibration, "ECE_BINS", 23)
     monkeypatch.setattr(preprocessing, "MAX_SIDE", 1234)
-    monkeypatch.setattr(data, "TRAIN_SIZE", 70_000)
+    monkeypatch.setattr(mnist, "TRAIN_SIZE", 70_000)
     metrics = {"config": Config().to_dict(), "calibration": {"temperature": 1.5, "test": {}}}
     card = model_card.render(metrics, 1)
     assert "ECE (23 bins)" in card and "15 bins" not in card

@@ -13,7 +13,7 @@ import dataclasses
 import datetime
 from typing import Any
 
-from training import calibration, data, preprocessing
+from training import calibration, mnist, preprocessing
 from training.config import Config
 from training.model import NUM_CLASSES
 
@@ -102,10 +102,10 @@ def _data(cfg: Config | None, metrics: dict[str, Any]) -> str:
     if cfg is None:
         return "The training configuration was not published with this export."
     subset = f"the first {_count(cfg.train_subset)}" if cfg.train_subset else "all"
-    test = (f"the first {_count(cfg.test_subset)} of the {_count(data.TEST_SIZE)}" if cfg.test_subset
-            else f"the {_count(data.TEST_SIZE)}")
-    return f"""MNIST through tensorflow-datasets (`{data.NAME}` {data.VERSION}): {subset} of the \
-{_count(data.TRAIN_SIZE)} training images less the last {_count(cfg.validation_size)} held out for validation
+    test = (f"the first {_count(cfg.test_subset)} of the {_count(mnist.TEST_SIZE)}" if cfg.test_subset
+            else f"the {_count(mnist.TEST_SIZE)}")
+    return f"""MNIST through tensorflow-datasets (`{mnist.NAME}` {mnist.VERSION}): {subset} of the \
+{_count(mnist.TRAIN_SIZE)} training images less the last {_count(cfg.validation_size)} held out for validation
 (monitoring, calibration); {test} test images only for the figures below. Augmentation: {augmentation(cfg)}.
 {cfg.epochs} epochs, batch {cfg.batch_size}, peak learning rate {cfg.learning_rate:g}, weight decay \
 {cfg.weight_decay:g}, label smoothing {cfg.label_smoothing:g}, seed {cfg.seed}; trained in \

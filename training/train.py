@@ -24,8 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import calibration, data, evaluate, export
-from training.config import MONITORS, Config, add_flags, from_args
+from training import calibration, data, evaluate, export, mnist
+from training.config import Config, add_flags, from_args
 from training.model import build_model, float32_copy, resolve_precision
 
 
@@ -77,7 +77,7 @@ def refresh_batch_norm(model: keras.Model, images: tf.data.Dataset, forward=None
     """Re-estimates every batch-norm layer's moving mean and variance for the weights the model holds now,
     as the average of the statistics of the batches of `images` (each batch's stats count equally).
     `forward(batch)` runs `model(batch, training=True)`; a caller that refreshes every epoch passes one
-    tf.function, traced once (eager calls took 2.7 s an epoch for 50 batches, traced 1.1 s)."""
+    tf.function, traced once, as eager calls are slower."""
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     if not norms:
         return
@@ -106,13 +106,13 @@ def refresh_batch_norm(model: keras.Model, images: tf.data.Dataset, forward=None
 class AdamWAverage(keras.optimizers.AdamW):
     """AdamW whose weight average (`use_ema`) warms up as tf.train.ExponentialMovingAverage's does with
     `num_updates`: the momentum at step t is min(ema_momentum, (1 + t) / (10 + t)). With Keras's fixed
-    momentum, 0.999, a run of a few dozen steps exported an average still near the random initial weights
-    (12.6% in a one-epoch run); now the average spans about a tenth of the steps taken until it reaches
-    ema_momentum's horizon (from step 9,000 at 0.999, epoch 21 of the default run)."""
+    momentum, 0.999, a run of a few dozen steps exports an average still near the random initial weights;
+    with the warm-up the average spans about a tenth of the steps taken until it reaches ema_momentum's
+    horizon, (10m - 1) / (1 - m) steps for momentum m."""
 
     def update_step(self, gradient, variable, learning_rate):
         """Adam's update of one variable as TensorFlow's fused kernel (ResourceApplyAdam), one op where Keras
-        runs about ten: the same arithmetic, lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon)."""
+        runs several: the same arithmetic, lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon)."""
         if self.amsgrad or not hasattr(variable, "handle"):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
@@ -130,7 +130,7 @@ class AdamWAverage(keras.optimizers.AdamW):
         step = keras.ops.cast(self.iterations, "float32")
         warm = keras.ops.minimum(self.ema_momentum, (1.0 + step) / (10.0 + step))
         momentum = keras.ops.where(keras.ops.equal(self.iterations, 0), 0.0, warm)  # the first step copies
-        rate = 1.0 - momentum  # m * average + (1 - m) * var, in fewer ops a variable (28 of them a step)
+        rate = 1.0 - momentum  # m * average + (1 - m) * var, rewritten in fewer ops (for every variable, every step)
         for var, average in zip(trainable_variables, self._model_variables_moving_average):
             if average is not None:
                 average.assign_sub(keras.ops.cast(rate, var.dtype) * (average - var))
@@ -174,10 +174,10 @@ def callbacks(cfg: Config, run_dir: Path, share: tf.Variable | None = None) -> l
         keras.callbacks.BackupAndRestore(str(backup)),
         # With --ema the average is what is validated, checkpointed and, at the end, exported; BackupAndRestore,
         # before it, backs up the raw weights and the average as they are. Nothing ends a run early: the
-        # schedule's low-rate end is where the last errors go, and which epoch a 5,000-image validation
-        # loss favours is noise (early stopping once ended a default run at epoch 11 of 24: 99.41%).
+        # schedule's low-rate end is where the last errors go, and which epoch the validation loss favours
+        # is largely noise.
         *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []),
-        *([BatchNormForAverage(clean_training_images(cfg, EPOCH_BATCH_NORM_BATCHES))]
+        *([BatchNormForAverage(clean_training_images(cfg, cfg.epoch_batch_norm_batches))]
           if cfg.ema and cfg.batch_norm else []),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=cfg.monitor, save_best_only=True),
         LogLearningRate(),
@@ -187,15 +187,11 @@ def callbacks(cfg: Config, run_dir: Path, share: tf.Variable | None = None) -> l
     ]
 
 
-# Batches of clean training images that re-estimate the batch-norm statistics of the averaged weights: of the
-# exported model, and before each epoch's validation (fewer: they only have to rank the epochs; 10 batches are
-# 8 million pixels a channel in conv1, 63,000 in conv3).
-BATCH_NORM_BATCHES, EPOCH_BATCH_NORM_BATCHES = 50, 10
-
-
-def clean_training_images(cfg: Config, batches: int = BATCH_NORM_BATCHES) -> tf.data.Dataset:
-    """The first `batches` batches of training images as served (no augmentation), without labels. Taken
-    before the pipeline's cache, so the cache holds just these and is read whole every time."""
+def clean_training_images(cfg: Config, batches: int | None = None) -> tf.data.Dataset:
+    """The first `batches` (default cfg.batch_norm_batches) batches of training images as served (no
+    augmentation), without labels: what re-estimates the batch-norm statistics of the averaged weights.
+    Taken before the pipeline's cache, so the cache holds just these and is read whole every time."""
+    batches = cfg.batch_norm_batches if batches is None else batches
     images = data.load_split(cfg, "train").take(batches * cfg.batch_size)
     return data.pipeline(images, cfg, training=False).map(lambda x, y: x)
 
@@ -206,16 +202,12 @@ def seed_everything(cfg: Config) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
-
-
 def make_strategy(cfg: Config) -> tf.distribute.Strategy:
-    """The tf.distribute strategy the config names; Keras's fit splits each batch across its replicas."""
+    """The tf.distribute strategy the config names (one of config.STRATEGIES, which Config enforces); Keras's
+    fit splits each batch across its replicas."""
     if cfg.logical_cpus > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.logical_cpus)
-    if cfg.strategy == "default":
-        return tf.distribute.get_strategy()
     if cfg.strategy == "one_device":
         accelerators = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy(accelerators[0].name if accelerators else "/cpu:0")
@@ -224,7 +216,7 @@ def make_strategy(cfg: Config) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     if cfg.strategy == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()  # the cluster and this task's role: $TF_CONFIG
-    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
+    return tf.distribute.get_strategy()  # "default"
 
 
 def is_chief() -> bool:
@@ -247,8 +239,6 @@ def steps_per_epoch(train: tf.data.Dataset) -> int:
 
 
 def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> keras.Model:
-    if cfg.monitor not in MONITORS:  # a misspelt metric would only warn, and nothing would be checkpointed
-        raise ValueError(f"--monitor must be one of {', '.join(MONITORS)}, not {cfg.monitor!r}")
     seed_everything(cfg)
     strategy = make_strategy(cfg)
     share = tf.Variable(1.0, trainable=False, name="augmentation_share") if cfg.plain_epochs > 0 else None
@@ -268,7 +258,7 @@ def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.fit(train, validation_data=validation, epochs=cfg.epochs, verbose=cfg.verbose,
-              shuffle=False,  # the pipeline shuffles; Keras warned that it ignores shuffle=True for a tf.data input
+              shuffle=False,  # the pipeline shuffles; Keras ignores shuffle=True for a tf.data input, with a warning
               callbacks=callbacks(cfg, run_dir, share) + list(extra_callbacks or []))
     return model
 
@@ -292,7 +282,7 @@ def run(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     """The whole job; returns the metrics that were published with the model."""
     start = time.monotonic()
     log("stage 1/4: data")
-    data.prepare(cfg.data_dir)
+    mnist.prepare(cfg.data_dir)
     log("stage 2/4: training")
     model = fit(cfg, extra_callbacks)
     train_seconds = time.monotonic() - start
