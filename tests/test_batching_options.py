@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from serving import configs
@@ -63,19 +65,10 @@ def test_every_problem_of_a_file_is_named_at_once(tmp_path):
     assert "num_batch_threads must be at least 1" in str(error.value)
 
 
-def test_the_server_refuses_to_start_with_an_impossible_file(tmp_path):
+def test_the_server_refuses_to_start_with_an_impossible_file(tmp_path, serve):
     """Before a model is loaded or a port bound: the operator sees the reason at once."""
-    from serving.server import ServerOptions, start_server
-
     bad = tmp_path / "batching.config"
     bad.write_text("max_batch_size { value: 8 } allowed_batch_sizes: [8, 4]")
-    options = ServerOptions(host="127.0.0.1", port=0, rest_api_port=0, model_name="mnist",
-                            model_base_path=str(tmp_path / "no_versions_here"), file_system_poll_wait_seconds=0,
-                            enable_batching=True, batching_parameters_file=str(bad))
-    try:
-        running = start_server(options)
-    except ValueError as e:
-        assert "allowed_batch_sizes must be positive and strictly increasing, not [8, 4]" in str(e)
-    else:
-        running.stop(grace_seconds=0)
-        pytest.fail("the server started with allowed_batch_sizes [8, 4]")
+    with pytest.raises(ValueError, match=re.escape("allowed_batch_sizes must be positive and strictly increasing, "
+                                                   "not [8, 4]")):
+        serve(tmp_path / "no_versions_here", enable_batching=True, batching_parameters_file=str(bad))

@@ -210,24 +210,38 @@ def test_looks_like_image(head, is_image):
     assert predict.looks_like_image(head) is is_image
 
 
-def test_wait_holds_the_predictions_until_a_version_is_available(tmp_path, model_base_path, digits_dir, capsys):
-    from serving.server import ServerOptions, start_server
-
+def test_wait_holds_the_predictions_until_a_version_is_available(tmp_path, model_base_path, digits_dir, serve,
+                                                                  capsys, monkeypatch):
     base = tmp_path / "mnist"
     base.mkdir()
-    server = start_server(ServerOptions(host="127.0.0.1", port=0, rest_api_port=0, model_name="mnist",
-                                        model_base_path=str(base), file_system_poll_wait_seconds=0.2))
+    server = serve(base, file_system_poll_wait_seconds=0.2)
     address = f"127.0.0.1:{server.rest_port}"
+    assert predict.main(["--server", address, "--wait", "0.5", str(digits_dir)]) == predict.EXIT_UNREACHABLE
+    assert "AVAILABLE" in capsys.readouterr().err
+
+    # The version is published once the waiting client has been told there is none yet, so it must go on
+    # waiting: the real status call, watched.
+    told_none = threading.Event()
+    model_status = RestClient.model_status
+
+    def watched_model_status(self):
+        try:
+            return model_status(self)
+        finally:
+            told_none.set()
+
+    monkeypatch.setattr(RestClient, "model_status", watched_model_status)
+
+    def publish():
+        told_none.wait(60)
+        shutil.copytree(model_base_path / "1", base / ".tmp-1")
+        (base / ".tmp-1").rename(base / "1")
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
     try:
-        assert predict.main(["--server", address, "--wait", "0.5", str(digits_dir)]) == predict.EXIT_UNREACHABLE
-        assert "AVAILABLE" in capsys.readouterr().err
-
-        def publish():
-            shutil.copytree(model_base_path / "1", base / ".tmp-1")
-            (base / ".tmp-1").rename(base / "1")
-
-        threading.Timer(1.0, publish).start()
         assert predict.main(["--server", address, "--wait", "60", str(digits_dir)]) == predict.EXIT_OK
-        assert len([line for line in capsys.readouterr().out.splitlines() if LINE.match(line)]) == 12
     finally:
-        server.stop(grace_seconds=1)
+        told_none.set()
+        publisher.join()
+    assert len([line for line in capsys.readouterr().out.splitlines() if LINE.match(line)]) == 12

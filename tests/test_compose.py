@@ -149,19 +149,13 @@ def test_a_broken_config_fails_to_parse():
 
 
 @pytest.fixture(scope="module")
-def compose_like_server(model_base_path, flags, mounts):
+def compose_like_server(serve_module, flags, mounts):
     """The embedded server run with docker-compose's own config files, on free ports of 127.0.0.1."""
-    from serving.server import ServerOptions, start_server
-
-    running = start_server(ServerOptions(
-        host="127.0.0.1", port=0, rest_api_port=0, model_base_path=str(model_base_path),
+    return serve_module(
         model_config_file=str(host_path(flags["model_config_file"], mounts)),
         enable_batching=flags["enable_batching"] == "true",
         batching_parameters_file=str(host_path(flags["batching_parameters_file"], mounts)),
-        monitoring_config_file=str(host_path(flags["monitoring_config_file"], mounts)),
-        file_system_poll_wait_seconds=0))
-    yield running
-    running.stop(grace_seconds=1)
+        monitoring_config_file=str(host_path(flags["monitoring_config_file"], mounts)))
 
 
 def healthcheck_argv(service, port: int) -> list[str]:

@@ -56,9 +56,22 @@ def test_relu_everywhere_and_max_pooling_for_downsampling(batch_norm):
     assert model.get_layer("fc2").activation is keras.activations.relu
     assert model.get_layer("output").activation is keras.activations.softmax
     assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Activation)]
-    pools = [layer for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D)]
-    assert len(pools) == 4
-    assert not [layer for layer in model.layers if "pool" in layer.name and layer not in pools]
+    # Every downsampling is max-pooling: the height and width of the feature maps change at its layers only,
+    # and each of them halves them.
+    def size(tensor) -> tuple[int, int]:
+        return tuple(tensor.shape[1:3])
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer) or len(layer.output.shape) != 4:
+            continue
+        sizes = {size(t) for t in (layer.input if isinstance(layer.input, list) else [layer.input])}
+        if isinstance(layer, keras.layers.MaxPooling2D):
+            [(height, width)] = sizes
+            assert size(layer.output) == (-(-height // 2), -(-width // 2)), layer.name
+        else:
+            assert sizes == {size(layer.output)}, layer.name
+    [flatten] = [layer for layer in model.layers if isinstance(layer, keras.layers.Flatten)]
+    assert max(size(flatten.input)) < 28  # and the network does downsample
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -174,9 +187,20 @@ def test_auto_precision_follows_the_cpus_bfloat16_support(tmp_path):
     assert resolve_precision("auto") == ("mixed_bfloat16" if cpu_has_bfloat16() else "float32")
 
 
-def test_precision_flag_accepts_only_its_choices():
+@pytest.mark.parametrize("name, good, bad", [("precision", "float32", "float16"), ("strategy", "mirrored", "tpu"),
+                                             ("monitor", "val_accuracy", "val_acc")])
+def test_a_flag_with_choices_accepts_only_them_when_parsed_and_in_code(name, good, bad):
     parser = argparse.ArgumentParser()
     add_flags(parser)
-    assert from_args(parser.parse_args(["--precision", "float32"])).precision == "float32"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--precision", "float16"])
+    flag = "--" + name.replace("_", "-")
+    assert getattr(from_args(parser.parse_args([flag, good])), name) == good
+    with pytest.raises(SystemExit):  # argparse refuses it while parsing
+        parser.parse_args([flag, bad])
+    with pytest.raises(ValueError, match=f"{flag} must be one of .*, not '{bad}'"):
+        Config(**{name: bad})
+
+
+def test_the_output_dropout_is_a_share_of_the_dropout():
+    model = build_model(Config(dropout=0.3, output_dropout_ratio=0.25))
+    rates = [model.get_layer(f"dropout{i}").rate for i in (1, 2, 3)]
+    assert rates == [0.3, 0.3, 0.3 * 0.25]

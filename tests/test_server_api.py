@@ -27,7 +27,6 @@ from tests.test_server_support import (
     predict_request,
     prediction_stub,
     rest,
-    start_test_server,
 )
 
 ROOT_CONFIG = """
@@ -43,13 +42,11 @@ model_config_list {{
 
 
 @pytest.fixture(scope="module")
-def server(model_base_path, tmp_path_factory):
+def server(serve_module, model_base_path, tmp_path_factory):
     config = tmp_path_factory.mktemp("config") / "models.config"
     config.write_text(ROOT_CONFIG.format(base_path=model_base_path))
-    running = start_test_server(model_base_path, model_base_path="", model_config_file=str(config),
-                                monitoring_config_file="serving/monitoring.config")
-    yield running
-    running.stop(grace_seconds=5)
+    return serve_module(model_base_path="", model_config_file=str(config),
+                        monitoring_config_file="serving/monitoring.config")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from tests.test_server_support import (
     predict_request,
     prediction_stub,
     rest,
-    start_test_server,
     wait_for,
 )
 
@@ -33,13 +32,11 @@ max_enqueued_batches {{ value: 10 }}
 
 
 @pytest.fixture(scope="module")
-def server(model_base_path, tmp_path_factory):
+def server(serve_module, tmp_path_factory):
     config = tmp_path_factory.mktemp("batching") / "batching.config"
     config.write_text(BATCHING_CONFIG)
-    running = start_test_server(model_base_path, enable_batching=True, batching_parameters_file=str(config),
-                                monitoring_config_file="serving/monitoring.config")
-    yield running
-    running.stop(grace_seconds=5)
+    return serve_module(enable_batching=True, batching_parameters_file=str(config),
+                        monitoring_config_file="serving/monitoring.config")
 
 
 @pytest.fixture(scope="module")
@@ -236,13 +233,13 @@ max_enqueued_batches { value: 2 }
 """
 
 
-def test_a_full_batch_queue_answers_unavailable_and_the_server_keeps_serving(model_base_path, tmp_path, expected):
+def test_a_full_batch_queue_answers_unavailable_and_the_server_keeps_serving(serve, tmp_path, expected):
     """Its one batch slot held, the queue takes max_enqueued_batches x max_batch_size = 4 images; a fifth is
     refused at once with TF Serving's UNAVAILABLE (HTTP 503), a status that tells a client to try again."""
     images, digits = expected
     config = tmp_path / "batching.config"
     config.write_text(QUEUE_FULL_CONFIG)
-    running = start_test_server(model_base_path, enable_batching=True, batching_parameters_file=str(config))
+    running = serve(enable_batching=True, batching_parameters_file=str(config))
     slow, holder = hold_the_batch_slot(running.batcher)
     try:
         stub = prediction_stub(running)

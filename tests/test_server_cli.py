@@ -8,16 +8,17 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+import grpc
 import pytest
 import tensorflow as tf
+from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from serving import configs
 from serving.batching import BatchingOptions
 from serving.server import build_models, parse_args
-from tests.test_server_support import copy_model_base, predict_request, prediction_stub
+from tests.test_server_support import copy_model_base, predict_request
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_base_path, tmp_path
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
     output = []
+    channel = None
     try:
         while True:
             line = lines.get(timeout=120)
@@ -90,9 +92,16 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_base_path, tmp_path
             if line.startswith("listening "):
                 ports = dict(item.split("=") for item in line.split()[1:])
                 break
-        server = type("Ports", (), {"grpc_port": int(ports["grpc_port"])})
-        future = prediction_stub(server).Predict.future(predict_request([mnist_png_bytes[0][0]]), timeout=60)
-        time.sleep(1.0)  # let the request reach the batch queue (ordering, not a speed assertion)
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports['grpc_port']}")  # one connection for every call
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus
+        status_request = get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"})
+        status(status_request, timeout=60)  # connected
+        future = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict.future(
+            predict_request([mnist_png_bytes[0][0]]), timeout=60)
+        # A call sent after the Predict on the same connection has its answer: the server read the Predict
+        # first and has taken it, so it is in flight (it waits 3 s in the batch queue for company).
+        status(status_request, timeout=60)
+        assert not future.done()
         process.send_signal(signal.SIGTERM)
         response = future.result()
         assert tf.make_ndarray(response.outputs["digit"]).shape == (1,)
@@ -100,6 +109,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_base_path, tmp_path
     finally:
         if process.poll() is None:
             process.kill()
+        if channel is not None:
+            channel.close()
     while (line := lines.get(timeout=10)) is not None:
         output.append(line)
     text = "".join(output)
@@ -107,12 +118,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_base_path, tmp_path
     assert "draining" in text and "Exiting cleanly" in text
 
 
-def test_stop_ends_kept_alive_connections_instead_of_serving_them(model_base_path):
+def test_stop_ends_kept_alive_connections_instead_of_serving_them(serve):
     import http.client
 
-    from tests.test_server_support import start_test_server
-
-    server = start_test_server(model_base_path)
+    server = serve()
     conn = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
     conn.request("GET", "/v1/models/mnist")
     response = conn.getresponse()
@@ -124,16 +133,14 @@ def test_stop_ends_kept_alive_connections_instead_of_serving_them(model_base_pat
     conn.close()
 
 
-def test_a_request_waiting_in_the_listen_backlog_at_stop_gets_its_answer(model_base_path, mnist_png_bytes):
+def test_a_request_waiting_in_the_listen_backlog_at_stop_gets_its_answer(serve, mnist_png_bytes):
     """A connection the kernel accepted before the stop but the server had not yet taken was reset when the
     listening socket closed (one REST request in three at SIGTERM, under load)."""
     import base64
     import json
     import socket
 
-    from tests.test_server_support import start_test_server
-
-    server = start_test_server(model_base_path)
+    server = serve()
     server.rest.shutdown()  # the accept loop ends, as it does first at SIGTERM; the socket still listens
     body = json.dumps({"instances": [{"b64": base64.b64encode(mnist_png_bytes[0][0]).decode()}]}).encode()
     with socket.create_connection(("127.0.0.1", server.rest_port), timeout=60) as conn:

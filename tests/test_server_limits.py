@@ -11,17 +11,15 @@ import pytest
 import tensorflow as tf
 
 from tests.test_preprocessing import png_declaring
-from tests.test_server_support import predict_request, prediction_stub, rest, start_test_server
+from tests.test_server_support import predict_request, prediction_stub, rest
 from training.preprocessing import MAX_CALL_PIXELS, MAX_SIDE
 
 MAX_IMAGES = 18  # above the 17 images of the pixel test, below the 20 digits of mnist_png_bytes
 
 
 @pytest.fixture(scope="module")
-def server(model_base_path):
-    running = start_test_server(model_base_path, max_images_per_request=MAX_IMAGES)
-    yield running
-    running.stop(grace_seconds=1)
+def server(serve_module):
+    return serve_module(max_images_per_request=MAX_IMAGES)
 
 
 def grpc_code(server, images: list[bytes]) -> tuple[grpc.StatusCode, str]:
@@ -77,10 +75,7 @@ def test_numeric_inputs_count_their_batch_dimension(server):
     assert f"request holds {MAX_IMAGES + 1} images" in error.value.details()
 
 
-def test_zero_turns_the_bound_off(model_base_path, mnist_png_bytes):
-    running = start_test_server(model_base_path, max_images_per_request=0)
-    try:
-        images = [png for png, _ in mnist_png_bytes[:MAX_IMAGES + 1]]
-        assert grpc_code(running, images)[0] == grpc.StatusCode.OK
-    finally:
-        running.stop(grace_seconds=1)
+def test_zero_turns_the_bound_off(serve, mnist_png_bytes):
+    running = serve(max_images_per_request=0)
+    images = [png for png, _ in mnist_png_bytes[:MAX_IMAGES + 1]]
+    assert grpc_code(running, images)[0] == grpc.StatusCode.OK

@@ -1,7 +1,9 @@
-"""Helpers shared by the tests/test_server_*.py modules: servers on free ports, requests, odd images.
+"""Helpers the server tests share: requests over gRPC and REST, model status, metrics, odd images, waiting.
 
-No tests here. The model comes from conftest's `model_base_path` (a real tiny trained model); modules that
-add or break versions work on their own copy (`copy_model_base`).
+No tests here. Servers are started in one place, `start_test_server` below, which conftest's `serve` and
+`serve_module` fixtures call: test modules ask those fixtures, which also stop what they started. The model
+comes from conftest's `model_base_path` (a real tiny trained model); tests that add or break versions work
+on their own copy (`copy_model_base`, conftest's `copy_base`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from serving.server import RunningServer, ServerOptions, start_server
 
 
 def start_test_server(base_path: Path, **options: Any) -> RunningServer:
+    """A real embedded server for base_path on free ports of 127.0.0.1; ServerOptions fields as keywords.
+    Tests get servers from conftest's `serve` and `serve_module`, which call this and stop what it started."""
     settings = {"model_name": "mnist", "model_base_path": str(base_path), "host": "127.0.0.1", "port": 0,
                 "rest_api_port": 0, "file_system_poll_wait_seconds": 0}
     settings.update(options)

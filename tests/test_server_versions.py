@@ -16,7 +16,6 @@ from tests.test_server_support import (
     predict_request,
     prediction_stub,
     rest,
-    start_test_server,
     wait_for,
 )
 
@@ -27,10 +26,8 @@ def base(model_base_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(base):
-    running = start_test_server(base, file_system_poll_wait_seconds=0.2)
-    yield running
-    running.stop(grace_seconds=5)
+def server(serve_module, base):
+    return serve_module(base, file_system_poll_wait_seconds=0.2)
 
 
 def served_version(stub, image: bytes, version: int | None = None) -> int:
@@ -117,7 +114,8 @@ def test_removed_version_is_unloaded(server, base, mnist_png_bytes):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_version_whose_variables_arrive_late_is_loaded_by_a_retry(model_base_path, tmp_path, mnist_png_bytes):
+def test_a_version_whose_variables_arrive_late_is_loaded_by_a_retry(model_base_path, tmp_path, serve,
+                                                                     mnist_png_bytes):
     """Copying a version into place: the poll saw its directory and saved_model.pb before variables/ was
     complete. Nothing in the version directory's own mtime or its saved_model.pb changes when the variables
     arrive, so only a retry loads it (TF Serving: --max_num_load_retries, --load_retry_interval_micros)."""
@@ -125,18 +123,15 @@ def test_a_version_whose_variables_arrive_late_is_loaded_by_a_retry(model_base_p
     base.mkdir()
     shutil.copytree(model_base_path / "1", base / "1", ignore=shutil.ignore_patterns("variables"))
     (base / "1" / "variables").mkdir()
-    running = start_test_server(base, file_system_poll_wait_seconds=0.1, max_num_load_retries=50,
-                                load_retry_interval_micros=300_000)
-    try:
-        wait_for(lambda: model_states(running).get(1, ("",))[0] == "END", what="the incomplete version to fail")
-        message = model_states(running)[1][1]
-        assert str(tmp_path) not in message and "version 1" in message  # no server paths for clients
-        for item in (model_base_path / "1" / "variables").iterdir():
-            shutil.copy2(item, base / "1" / "variables" / item.name)
-        wait_for(lambda: model_states(running).get(1, ("",))[0] == "AVAILABLE", what="a retry to load it")
-        assert served_version(prediction_stub(running), mnist_png_bytes[0][0]) == 1
-    finally:
-        running.stop(grace_seconds=5)
+    running = serve(base, file_system_poll_wait_seconds=0.1, max_num_load_retries=50,
+                    load_retry_interval_micros=300_000)
+    wait_for(lambda: model_states(running).get(1, ("",))[0] == "END", what="the incomplete version to fail")
+    message = model_states(running)[1][1]
+    assert str(tmp_path) not in message and "version 1" in message  # no server paths for clients
+    for item in (model_base_path / "1" / "variables").iterdir():
+        shutil.copy2(item, base / "1" / "variables" / item.name)
+    wait_for(lambda: model_states(running).get(1, ("",))[0] == "AVAILABLE", what="a retry to load it")
+    assert served_version(prediction_stub(running), mnist_png_bytes[0][0]) == 1
 
 
 def test_only_ascii_digit_directories_are_versions_to_the_server_and_the_trainer(tmp_path):
@@ -163,27 +158,25 @@ model_config_list {{
 
 @pytest.mark.parametrize("policy, served", [("specific { versions: 1 }", [1]), ("all {}", [1, 2])],
                          ids=["specific", "all"])
-def test_a_version_policy_serves_the_versions_it_names(copy_base, tmp_path, mnist_png_bytes, policy, served):
+def test_a_version_policy_serves_the_versions_it_names(copy_base, serve, tmp_path, mnist_png_bytes, policy,
+                                                       served):
     """Versions 1 and 2 on disk; the latest policy (the default) would serve only 2."""
     base = copy_base()
     shutil.copytree(base / "1", base / "2")
     config = tmp_path / "models.config"
     config.write_text(POLICY_CONFIG.format(base_path=base, policy=policy))
-    running = start_test_server(base, model_base_path="", model_config_file=str(config))
-    try:
-        assert model_states(running) == dict.fromkeys(served, ("AVAILABLE", ""))
-        stub = prediction_stub(running)
-        image = mnist_png_bytes[0][0]
-        for version in (1, 2):
-            if version in served:
-                assert served_version(stub, image, version) == version
-                assert rest(running, f"/v1/models/mnist/versions/{version}")[0] == 200
-            else:
-                with pytest.raises(grpc.RpcError) as error:
-                    served_version(stub, image, version)
-                assert error.value.code() == grpc.StatusCode.NOT_FOUND
-                assert rest(running, f"/v1/models/mnist/versions/{version}:predict",
-                            {"instances": [{"b64": base64.b64encode(image).decode()}]})[0] == 404
-        assert served_version(stub, image) == max(served)  # no version asked: the newest of those served
-    finally:
-        running.stop(grace_seconds=5)
+    running = serve(base, model_base_path="", model_config_file=str(config))
+    assert model_states(running) == dict.fromkeys(served, ("AVAILABLE", ""))
+    stub = prediction_stub(running)
+    image = mnist_png_bytes[0][0]
+    for version in (1, 2):
+        if version in served:
+            assert served_version(stub, image, version) == version
+            assert rest(running, f"/v1/models/mnist/versions/{version}")[0] == 200
+        else:
+            with pytest.raises(grpc.RpcError) as error:
+                served_version(stub, image, version)
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            assert rest(running, f"/v1/models/mnist/versions/{version}:predict",
+                        {"instances": [{"b64": base64.b64encode(image).decode()}]})[0] == 404
+    assert served_version(stub, image) == max(served)  # no version asked: the newest of those served

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -59,11 +61,11 @@ def free_port() -> int:
 
 # --- the REST API, asked directly -----------------------------------------------------------------------
 
-def api_predict(port: int, image: bytes) -> tuple[int, dict]:
+def api_predict(port: int, image: bytes, path: str = "/v1/models/mnist:predict") -> tuple[int, dict]:
     body = json.dumps({"instances": [{"image_bytes": {"b64": base64.b64encode(image).decode()}}]})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request("POST", "/v1/models/mnist:predict", body, {"Content-Type": "application/json"})
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, json.loads(response.read())
     finally:
@@ -127,6 +129,12 @@ def draw(driver, strokes: list[list[tuple[float, float]]], pointer: str = "mouse
             actions.pointer_action.move_to(pad, *offset)
         actions.pointer_action.pointer_up()
     actions.perform()
+
+
+def resources(driver) -> list[dict]:
+    """What the page has requested since it loaded, in order: URL and kind ("fetch", "script", ...)."""
+    return driver.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => ({url: e.name, kind: e.initiatorType}))")
 
 
 def canvas_png(driver) -> bytes:
@@ -212,13 +220,14 @@ def page(browser, server):
 
 
 def site_config(listen_port: int, upstream_port: int) -> str:
-    """web/nginx.conf with only the listen address, the upstream and the root pointed at this machine."""
+    """web/nginx.conf with only the listen address, the upstream's server and the root pointed at this
+    machine: each directive replaced by name, whatever value the file gives it."""
     text = (WEB_DIR / "nginx.conf").read_text()
-    for old, new in [("listen 80;", f"listen 127.0.0.1:{listen_port};"),
-                     ("server tf-serving:8501;", f"server 127.0.0.1:{upstream_port};"),
-                     ("root /usr/share/nginx/html;", f"root {WEB_DIR};")]:
-        assert text.count(old) == 1, f"web/nginx.conf should contain {old!r} once"
-        text = text.replace(old, new)
+    for name, value in [("listen", f"127.0.0.1:{listen_port}"), ("server", f"127.0.0.1:{upstream_port}"),
+                        ("root", str(WEB_DIR))]:
+        text, count = re.subn(rf"^(\s*{name}\s+)[^;{{}}\n]+;", lambda m, v=value: f"{m[1]}{v};", text,
+                              flags=re.MULTILINE)
+        assert count == 1, f"web/nginx.conf should have one {name} directive, not {count}"
     return text
 
 
@@ -288,13 +297,18 @@ def nginx(server, tmp_path_factory):
 # --- the page on the embedded server -----------------------------------------------------------------------
 
 def draw_and_compare_with_the_api(driver, rest_port: int) -> dict:
-    """Draws a 3, clicks predict, and checks the page shows what the API answers for the canvas's PNG."""
+    """Draws a 3, clicks predict, and checks the page asked the server it came from, at a URL where the REST
+    API answers the canvas's PNG with what the page shows."""
     draw(driver, [three_stroke()])
     png = canvas_png(driver)
+    before = len(resources(driver))
     click(driver, "predict")
     shows = shown(driver)
-    status, answer = api_predict(rest_port, png)
-    assert status == 200
+    [asked] = resources(driver)[before:]  # one request for one click
+    url = urlsplit(asked["url"])
+    assert asked["kind"] == "fetch" and url.netloc == urlsplit(driver.current_url).netloc, asked
+    status, answer = api_predict(rest_port, png, path=url.path)
+    assert status == 200, answer
     assert_shows(shows, answer["predictions"][0])
     return shows
 
@@ -397,33 +411,41 @@ def test_the_page_fits_a_phone_screen(page):
         page.set_window_size(*WINDOW)
 
 
-def test_a_stopped_server_is_reported_in_words(browser, model_base_path):
-    """A real server process, stopped as an operator would (SIGTERM): its sockets close with it."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model_name=mnist", f"--model_base_path={model_base_path}",
-         "--port=0", "--rest_api_port=0", "--host=127.0.0.1", "--file_system_poll_wait_seconds=0",
-         "--grace_period_seconds=1"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def test_a_stopped_server_is_reported_in_words(browser, serve):
+    """The server the page came from stops (what SIGTERM does, tests/test_server_cli.py): its listening socket
+    and the browser's kept-alive connection close with it."""
+    running = serve()
+    open_page(browser, f"http://127.0.0.1:{running.rest_port}/")
+    draw(browser, [three_stroke()])
+    running.stop(grace_seconds=1)
+    click(browser, "predict")
+    shows = shown(browser)
+    assert not shows["answer"]
+    assert shows["error"].startswith("Could not reach the model server")
+
+
+def test_the_page_reaches_nothing_but_its_own_origin(page, server):
+    """Everything the page loads and asks comes from the server it came from, and its Content-Security-Policy
+    makes the browser refuse another origin: here the same server, named localhost instead of 127.0.0.1."""
+    from selenium.common.exceptions import TimeoutException
+
+    draw(page, [three_stroke()])
+    click(page, "predict")
+    assert shown(page)["answer"]
+    requested = resources(page)
+    assert {"script", "link", "fetch"} <= {r["kind"] for r in requested}, requested
+    assert {urlsplit(r["url"]).netloc for r in requested} == {f"127.0.0.1:{server.rest_port}"}, requested
+    page.set_script_timeout(WAIT_SECONDS)
     try:
-        for line in process.stdout:
-            if line.startswith("listening"):
-                rest_port = int(line.split("rest_port=")[1])
-                break
-        else:
-            pytest.fail("the server exited before listening")
-        open_page(browser, f"http://127.0.0.1:{rest_port}/")
-        draw(browser, [three_stroke()])
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-        click(browser, "predict")
-        shows = shown(browser)
-        assert not shows["answer"]
-        assert shows["error"].startswith("Could not reach the model server")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
+        refused = page.execute_async_script("""
+            const [url, done] = arguments;
+            document.addEventListener("securitypolicyviolation",
+                                      (e) => done({directive: e.effectiveDirective, blocked: e.blockedURI}));
+            fetch(url, {mode: "no-cors"}).catch(() => {});""", f"http://localhost:{server.rest_port}/v1/models/mnist")
+    except TimeoutException:
+        pytest.fail("the page's policy did not refuse a request to another origin")
+    assert refused["directive"] == "connect-src", refused
+    assert refused["blocked"].startswith(f"http://localhost:{server.rest_port}"), refused
 
 
 # --- nginx in front of the embedded server (web/nginx.conf) ----------------------------------------------
@@ -468,10 +490,9 @@ def test_the_page_through_nginx_says_when_tf_serving_is_down(browser, tmp_path):
 
 def save_screenshot(model_base_path: str, out: str) -> None:
     """Draws a "3" on the page served with the given model, asks for a prediction, saves the page as PNG."""
-    from serving.server import ServerOptions, start_server
+    from tests.test_server_support import start_test_server
 
-    running = start_server(ServerOptions(host="127.0.0.1", port=0, rest_api_port=0, model_name="mnist",
-                                         model_base_path=model_base_path, file_system_poll_wait_seconds=0))
+    running = start_test_server(Path(model_base_path))
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     driver = start_browser(profile)
     try:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import http.client
 import re
+from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 import yaml
 
 from serving.rest import MAX_BODY_BYTES
-from serving.server import ServerOptions, parse_args, start_server
+from serving.server import parse_args
 from serving.static import DEFAULT_STATIC_DIR, StaticFiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,17 +35,38 @@ def get(port: int, path: str) -> tuple[int, str, bytes]:
         conn.close()
 
 
-def serve(model_base_path: Path, static_dir: str):
-    return start_server(ServerOptions(host="127.0.0.1", port=0, rest_api_port=0, model_name="mnist",
-                                      model_base_path=str(model_base_path), file_system_poll_wait_seconds=0,
-                                      static_dir=static_dir))
+class Page(HTMLParser):
+    """A page's elements as a browser's parser sees them: (tag, attributes) in document order."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, {name: value or "" for name, value in attrs}))
+
+    def find(self, tag: str | None = None, **attributes: str) -> list[dict[str, str]]:
+        """The attributes of every element of that tag (any tag if None) whose attributes include these
+        (underscores in the names stand for dashes, http_equiv for http-equiv; for_ is for)."""
+        wanted = {name.rstrip("_").replace("_", "-"): value for name, value in attributes.items()}
+        return [attrs for t, attrs in self.elements
+                if (tag is None or t == tag) and all(attrs.get(k, "").lower() == v.lower() for k, v in wanted.items())]
 
 
 @pytest.fixture(scope="module")
-def server(model_base_path):
-    running = serve(model_base_path, DEFAULT_STATIC_DIR)
-    yield running
-    running.stop(grace_seconds=1)
+def server(embedded_server):
+    """The embedded server with its default --static_dir, the repository's web/."""
+    return embedded_server
+
+
+@pytest.fixture(scope="module")
+def page(server) -> Page:
+    """The page as the server serves it at /."""
+    status, content_type, body = get(server.rest_port, "/")
+    assert status == 200 and content_type.startswith("text/html")
+    return Page(body.decode())
 
 
 # --- the embedded server -------------------------------------------------------------------------------------
@@ -99,39 +122,54 @@ def test_files_outside_the_dir_are_refused_even_through_a_symlink(tmp_path):
         StaticFiles(tmp_path / "missing")
 
 
-def test_an_empty_static_dir_serves_no_page(model_base_path):
-    running = serve(model_base_path, "")
-    try:
-        assert get(running.rest_port, "/")[0] == 404
-        assert get(running.rest_port, "/index.html")[0] == 404
-        assert get(running.rest_port, "/v1/models/mnist")[0] == 200
-    finally:
-        running.stop(grace_seconds=1)
+def test_an_empty_static_dir_serves_no_page(serve):
+    running = serve(static_dir="")
+    assert get(running.rest_port, "/")[0] == 404
+    assert get(running.rest_port, "/index.html")[0] == 404
+    assert get(running.rest_port, "/v1/models/mnist")[0] == 200
 
 
-def test_a_missing_static_dir_is_refused_before_anything_starts(tmp_path):
+def test_a_missing_static_dir_is_refused_before_anything_starts(tmp_path, serve):
     with pytest.raises(ValueError, match="static_dir"):
-        start_server(ServerOptions(model_base_path=str(tmp_path), static_dir=str(tmp_path / "missing")))
+        serve(tmp_path, static_dir=str(tmp_path / "missing"))
 
 
-# --- the page itself --------------------------------------------------------------------------------------------
+# --- the page itself, as served (what it does in a browser: tests/test_web_page.py) ----------------------------
 
-def test_the_page_loads_nothing_from_other_hosts():
-    for name in PAGE_FILES:
-        text = (WEB_DIR / name).read_text()
-        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.IGNORECASE), name
-        assert "@import" not in text
-    html = (WEB_DIR / "index.html").read_text()
-    assert "Content-Security-Policy" in html and "connect-src 'self'" in html and "default-src 'none'" in html
+def test_the_page_loads_its_script_and_style_from_the_server_that_serves_it(server, page):
+    page_url = f"http://127.0.0.1:{server.rest_port}/"
+    parts = [(attrs["src"], "text/javascript") for attrs in page.find("script") if "src" in attrs]
+    parts += [(attrs["href"], "text/css") for attrs in page.find("link", rel="stylesheet")]
+    assert {kind for _, kind in parts} == {"text/javascript", "text/css"}, parts
+    for reference, kind in parts:
+        url = urlsplit(urljoin(page_url, reference))
+        assert f"{url.scheme}://{url.netloc}/" == page_url, reference  # this origin, not another host
+        status, content_type, _ = get(server.rest_port, url.path)
+        assert status == 200 and content_type.split(";")[0] == kind, reference
 
 
-def test_the_page_asks_the_rest_api_and_is_accessible():
-    script = (WEB_DIR / "app.js").read_text()
-    assert 'const PREDICT_URL = "v1/models/mnist:predict";' in script
-    html = (WEB_DIR / "index.html").read_text()
-    assert 'aria-live="polite"' in html and 'role="alert"' in html
-    assert '<button type="button" id="predict"' in html and '<button type="button" id="clear"' in html
-    assert '<label for="file">' in html and 'name="viewport"' in html
+def test_the_pages_policy_lets_it_reach_nothing_but_its_own_origin(page):
+    """The page's Content-Security-Policy: whatever its script or style asks for, the browser refuses other
+    hosts (tests/test_web_page.py sees it refuse one)."""
+    [policy] = page.find("meta", http_equiv="Content-Security-Policy")
+    directives = {}
+    for directive in policy["content"].split(";"):
+        if directive.strip():
+            name, *sources = directive.split()
+            directives[name.lower()] = set(sources)
+    assert directives["default-src"] == {"'none'"}  # what is not listed is refused
+    assert directives["connect-src"] == {"'self'"}  # the REST API is asked on this origin
+    for name, sources in directives.items():
+        assert sources <= {"'none'", "'self'", "data:", "blob:"}, (name, sources)  # no host, no 'unsafe-*'
+
+
+def test_the_page_is_accessible(page):
+    assert page.find(aria_live="polite") and page.find(role="alert")  # answers and errors are announced
+    for button in ("predict", "clear"):
+        assert page.find("button", id=button, type="button"), button  # a real button, not a submit
+    [file_input] = page.find("input", type="file")
+    assert page.find("label", for_=file_input["id"])
+    assert page.find("meta", name="viewport")
 
 
 # --- docker-compose.yml's `web` service and web/nginx.conf ----------------------------------------------------
@@ -177,8 +215,10 @@ def test_web_service_mounts_the_page_and_the_config_read_only(compose, nginx_con
 def test_nginx_proxies_the_api_to_the_tf_serving_service(compose, nginx_conf):
     tf_serving = compose["services"]["tf-serving"]
     rest_port = next(arg.split("=")[1] for arg in tf_serving["command"] if arg.startswith("--rest_api_port="))
-    assert directive(nginx_conf, "server") == f"tf-serving:{rest_port}"
     assert "tf-serving" in compose["services"]
-    assert re.search(r"location /v1/ \{\s*proxy_pass http://tf_serving;", nginx_conf)
+    [api] = re.findall(r"^\s*location\s+/v1/\s*\{([^}]*)\}", nginx_conf, re.MULTILINE)
+    upstream = directive(api, "proxy_pass").removeprefix("http://")
+    [servers] = re.findall(rf"^\s*upstream\s+{upstream}\s*\{{([^}}]*)\}}", nginx_conf, re.MULTILINE)
+    assert directive(servers, "server") == f"tf-serving:{rest_port}"
     size = directive(nginx_conf, "client_max_body_size")
     assert size.endswith("m") and int(size[:-1]) * 1024 * 1024 >= MAX_BODY_BYTES
