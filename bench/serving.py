@@ -348,11 +348,14 @@ def baseline_cell(server: ServerProcess, image: bytes, expected: dict, settings:
                                                                     concurrency, settings.duration))
 
 
-def server_command(base_path: Path, settings: Settings) -> list[str]:
+def server_command(base_path: Path, settings: Settings, batching: bool = True) -> list[str]:
+    """The embedded server on free ports of 127.0.0.1, batching per settings.batching_config unless `batching` is
+    off (then without a batching file: the server refuses one without --enable_batching, as TF Serving does)."""
+    batching_flags = ["--enable_batching", f"--batching_parameters_file={settings.batching_config}"] if batching else []
     return [sys.executable, "-m", "serving.server", f"--model_name={MODEL_NAME}", f"--model_base_path={base_path}",
             "--port=0", "--rest_api_port=0", "--host=127.0.0.1", "--file_system_poll_wait_seconds=0",
-            "--enable_batching", f"--batching_parameters_file={settings.batching_config}",
-            f"--monitoring_config_file={ROOT / 'serving' / 'monitoring.config'}", *settings.server_args]
+            *batching_flags, f"--monitoring_config_file={ROOT / 'serving' / 'monitoring.config'}",
+            *settings.server_args]
 
 
 def generator_costs(cells: list[loadgen.Cell]) -> dict:

@@ -301,8 +301,9 @@ def server_command(base: Path, settings: Settings, probe_file: Path | None) -> t
     """bench.serving's server command (batching per serving/batching.config, the Makefile's thread flags), with
     batching turned off if asked, run through this module's launcher (`serve`) for --mallopt and --probe,
     and the environment variables it gets on top of this process's."""
-    args = (*SERVER_THREAD_FLAGS, *(() if settings.batching else ("--enable_batching=false",)), *settings.server_args)
-    command = bench_serving.server_command(base, bench_serving.Settings(settings.model, server_args=args))
+    args = (*SERVER_THREAD_FLAGS, *settings.server_args)
+    command = bench_serving.server_command(base, bench_serving.Settings(settings.model, server_args=args),
+                                           batching=settings.batching)
     env = dict(settings.server_env)
     if settings.probe or settings.mallopt:
         command[1:3] = ["-m", "bench.soak", "serve"]

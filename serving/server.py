@@ -2,14 +2,27 @@
 
     python -m serving.server --model_name=mnist --model_base_path=models/mnist --port=8500 --rest_api_port=8501
 
-Flags mirror tensorflow_model_server (both `--flag=value` and `--flag value`). Differences, all deliberate:
+Flags mirror tensorflow_model_server (both `--flag=value` and `--flag value`); `--help` lists each with its default.
+Strict as tensorflow_model_server or stricter, before anything loads (exit status 2, the flags named):
+- a boolean is true or false (any case), 1 or 0, or the flag alone for true, as tensorflow_model_server's parser
+  reads it; anything else (`--enable_batching=ture`) is refused.
+- a flag it does not know is refused, and so is an abbreviation (tensorflow_model_server prints "unknown
+  argument" and its usage, then starts anyway).
+- refused like tensorflow_model_server: `--batching_parameters_file` without `--enable_batching`; neither
+  `--model_base_path` nor `--model_config_file`.
+- refused where tensorflow_model_server lets them through: the same `--port` and `--rest_api_port` (it logs an
+  error and serves no REST); a port out of range; a negative `--file_system_poll_wait_seconds`,
+  `--max_num_load_retries`, `--tensorflow_intra_op_parallelism` (TensorFlow aborts on it), `--grace_period_seconds`
+  or `--max_images_per_request`; `--rest_api_timeout_in_ms` not above 0; a `--static_dir` that is not a directory.
+  start_server() refuses the same for servers started in-process (ValueError).
+Differences, all deliberate:
 - Port 0 binds a free port (tensorflow_model_server reads `--rest_api_port=0` as "no REST"; use -1 for that).
   Once listening the server prints `listening grpc_port=N rest_port=M`; in-process, start_server() returns
   the bound ports.
 - `--model_config_file`: a base_path that does not exist as given is looked up relative to the current
   directory with its leading "/" dropped, so serving/models.config (base_path /models/mnist, the container's
   path) also works from the repo root. `--model_base_path`, if given too, replaces the base_path of the model
-  named `--model_name` (or of the only model in the file).
+  named `--model_name` (or of the only model in the file); tensorflow_model_server ignores both flags then.
 - `--host` (not in tensorflow_model_server) chooses the address to bind, 0.0.0.0 by default.
 - gRPC and REST requests are limited to MAX_MESSAGE_BYTES (16 MB): larger gRPC messages get
   RESOURCE_EXHAUSTED, larger REST bodies 413, before anything is allocated for them.
@@ -34,11 +47,13 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import math
+import re
 import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -62,26 +77,96 @@ PREDICT_THREADS = 64  # calls the batcher does not take (all, without batching) 
 DEFAULT_METRICS_PATH = "/monitoring/prometheus/metrics"
 
 
+OWN_FLAG = "[This server's own flag, not tensorflow_model_server's.] "
+
+
 @dataclass
 class ServerOptions:
-    port: int = 8500
-    rest_api_port: int = 8501
-    model_name: str = "default"
-    model_base_path: str = ""
-    model_config_file: str = ""
-    enable_batching: bool = False
-    batching_parameters_file: str = ""
-    file_system_poll_wait_seconds: float = 1.0
-    max_num_load_retries: int = 5
-    load_retry_interval_micros: int = 60_000_000
-    monitoring_config_file: str = ""
-    rest_api_timeout_in_ms: int = 30000
-    tensorflow_intra_op_parallelism: int = 0
-    tensorflow_inter_op_parallelism: int = 0
-    host: str = "0.0.0.0"
-    grace_period_seconds: float = 10.0
-    static_dir: str = DEFAULT_STATIC_DIR
-    max_images_per_request: int = DEFAULT_MAX_IMAGES
+    """The server's settings: each field is the flag of the same name, its metadata's help the flag's --help."""
+
+    port: int = field(default=8500, metadata={"help": (
+        "Port of the gRPC API. 0 binds a free port and prints it (tensorflow_model_server refuses 0).")})
+    rest_api_port: int = field(default=8501, metadata={"help": (
+        "Port of the HTTP/REST API, not the same as --port. 0 binds a free port and prints it, -1 serves no REST "
+        "(tensorflow_model_server: 0 serves no REST, and that is its default).")})
+    model_name: str = field(default="default", metadata={"help": (
+        "Name the model of --model_base_path is served under. With --model_config_file: the entry whose "
+        "base_path --model_base_path replaces.")})
+    model_base_path: str = field(default="", metadata={"help": (
+        "Directory of the model's numbered versions (<dir>/1/saved_model.pb, ...). This or --model_config_file "
+        "is required. Given with --model_config_file it replaces the base_path of the entry named --model_name, "
+        "or of the file's only entry (tensorflow_model_server ignores it then).")})
+    model_config_file: str = field(default="", metadata={"help": (
+        "A ModelServerConfig text proto: the models to serve, their version policies and labels. A base_path in "
+        "it that does not exist is also looked up relative to the current directory, without its leading /.")})
+    enable_batching: bool = field(default=False, metadata={"help": (
+        "Batch concurrent requests to a model together.")})
+    batching_parameters_file: str = field(default="", metadata={"help": (
+        "A BatchingParameters text proto used instead of the default batching parameters. "
+        "Only with --enable_batching.")})
+    file_system_poll_wait_seconds: float = field(default=1.0, metadata={"help": (
+        "Seconds between looks for new model versions on disk (fractions allowed); 0 looks once, at start.")})
+    max_num_load_retries: int = field(default=5, metadata={"help": (
+        "How many times a version that failed to load is tried again, on later looks; 0 tries it once.")})
+    load_retry_interval_micros: int = field(default=60_000_000, metadata={"help": (
+        "Microseconds at least between tries to load a version; negative does not wait.")})
+    monitoring_config_file: str = field(default="", metadata={"help": (
+        "A MonitoringConfig text proto; with prometheus_config enabled the REST port serves Prometheus metrics "
+        "at its path.")})
+    rest_api_timeout_in_ms: int = field(default=30000, metadata={"help": (
+        "Milliseconds a REST connection may take for each read before it is closed; more than 0.")})
+    tensorflow_intra_op_parallelism: int = field(default=0, metadata={"help": (
+        "Threads TensorFlow may use inside one op; 0 lets TensorFlow choose.")})
+    tensorflow_inter_op_parallelism: int = field(default=0, metadata={"help": (
+        "TensorFlow ops that may run at once; 0 lets TensorFlow choose, negative runs them on the calling "
+        "thread.")})
+    host: str = field(default="0.0.0.0", metadata={"help": OWN_FLAG + (
+        "Address both ports are bound to.")})
+    grace_period_seconds: float = field(default=10.0, metadata={"help": OWN_FLAG + (
+        "At SIGTERM or SIGINT, seconds the requests in flight get to finish before the server exits.")})
+    static_dir: str = field(default=DEFAULT_STATIC_DIR, metadata={"help": OWN_FLAG + (
+        "Directory of the drawing page, served at / on the REST port; empty: no page.")})
+    max_images_per_request: int = field(default=DEFAULT_MAX_IMAGES, metadata={"help": OWN_FLAG + (
+        "Most images one request may hold (more: INVALID_ARGUMENT, REST 400); 0 turns the bound off.")})
+
+
+# What 0 means for the flags that refuse a negative value.
+NOT_NEGATIVE = {
+    "file_system_poll_wait_seconds": "0 looks for versions once, at start",
+    "max_num_load_retries": "0 tries a load once",
+    "tensorflow_intra_op_parallelism": "0 lets TensorFlow choose; TensorFlow aborts on a negative one",
+    "grace_period_seconds": "0 stops at once",
+    "max_images_per_request": "0 turns the bound off",
+}
+
+
+def option_errors(options: ServerOptions) -> list[str]:
+    """Why these options cannot start a server, each naming its flags; empty if they can.
+
+    tensorflow_model_server refuses the first two at start too. The same --port and --rest_api_port it takes
+    and serves no REST; ports out of range and the negative values here it passes on to fail later or mean
+    nothing (a negative intra-op pool aborts TensorFlow).
+    """
+    errors = []
+    if not options.model_base_path and not options.model_config_file:
+        errors.append("give --model_base_path (with --model_name) or --model_config_file")
+    if options.batching_parameters_file and not options.enable_batching:
+        errors.append("--batching_parameters_file is set without --enable_batching")
+    if options.port > 0 and options.port == options.rest_api_port:
+        errors.append(f"--port and --rest_api_port are both {options.port}: REST needs a port of its own")
+    if not 0 <= options.port <= 65535:
+        errors.append(f"--port={options.port} is not a port: 1 to 65535, or 0 for a free one")
+    if not -1 <= options.rest_api_port <= 65535:
+        errors.append(f"--rest_api_port={options.rest_api_port} is not a port: 1 to 65535, 0 for a free one "
+                      "or -1 for no REST")
+    for name, zero in NOT_NEGATIVE.items():
+        if (value := getattr(options, name)) < 0:
+            errors.append(f"--{name}={value} is negative ({zero})")
+    if options.rest_api_timeout_in_ms <= 0:
+        errors.append(f"--rest_api_timeout_in_ms={options.rest_api_timeout_in_ms}: a timeout is more than 0")
+    if options.static_dir and not Path(options.static_dir).is_dir():
+        errors.append(f"--static_dir={options.static_dir}: not a directory")
+    return errors
 
 
 def _resolve_base_path(base_path: str) -> Path:
@@ -205,8 +290,8 @@ class RunningServer:
 
 
 def start_server(options: ServerOptions) -> RunningServer:
-    if options.static_dir and not Path(options.static_dir).is_dir():
-        raise ValueError(f"--static_dir={options.static_dir}: not a directory")
+    if errors := option_errors(options):
+        raise ValueError("; ".join(errors))
     _set_tf_threads(options)
     models = build_models(options)
     metrics_path = _metrics_path(options)
@@ -250,20 +335,71 @@ def start_server(options: ServerOptions) -> RunningServer:
     return server
 
 
-def parse_args(argv: list[str] | None = None) -> ServerOptions:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _boolean(value: str) -> bool:
+    """A boolean as tensorflow_model_server's flag parser spells it: true or false in any case, 1 or 0."""
+    if value.lower() == "true" or value == "1":
+        return True
+    if value.lower() == "false" or value == "0":
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: true or false (any case), 1 or 0, "
+                                     "or the flag alone for true")
+
+
+def _integer(value: str) -> int:
+    if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):  # int() would also take "1_000" and other digits
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer")
+    return int(value)
+
+
+def _number(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number")
+    return number
+
+
+FLAG_TYPES = {bool: (_boolean, "true|false"), int: (_integer, "int"), float: (_number, "float"), str: (str, "string")}
+
+
+def _shown(default: object) -> str:
+    """A default as tensorflow_model_server's --help shows it: --flag=false, --flag="", --flag=8500."""
+    if isinstance(default, bool):
+        return str(default).lower()
+    return f'"{default}"' if isinstance(default, str) else str(default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.server", description=__doc__.split("\n")[0], allow_abbrev=False,
+        usage="%(prog)s (--model_base_path=DIR | --model_config_file=FILE) [--flag=value ...]; --help lists them",
+        epilog="Flags are given as --flag=value or --flag value. Differences from tensorflow_model_server: at the "
+               "top of serving/server.py.")
     for option in dataclasses.fields(ServerOptions):
-        if option.type is bool:
-            parser.add_argument(f"--{option.name}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                                nargs="?", const=True, default=option.default)
+        parse, metavar = FLAG_TYPES[option.type]
+        text = f"{option.metadata['help']} (default: {_shown(option.default)})".replace("%", "%%")
+        if option.type is bool:  # the flag alone means true
+            parser.add_argument(f"--{option.name}", type=parse, nargs="?", const=True, default=option.default,
+                                metavar=metavar, help=text)
         else:
-            parser.add_argument(f"--{option.name}", type=option.type, default=option.default)
-    return ServerOptions(**vars(parser.parse_args(argv)))
+            parser.add_argument(f"--{option.name}", type=parse, default=option.default, metavar=metavar, help=text)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> ServerOptions:
+    """The flags as ServerOptions; exits with status 2 on a flag it does not know or a value of the wrong type.
+    Whether they fit together is option_errors'."""
+    return ServerOptions(**vars(_parser().parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    options = ServerOptions(**vars(parser.parse_args(argv)))
+    if errors := option_errors(options):
+        parser.error("; ".join(errors))  # exit status 2, before anything loads
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = parse_args(argv)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # before start: a signal while starting still drains
         signal.signal(signum, lambda number, frame: stop.set())

@@ -156,6 +156,17 @@ def test_the_launcher_runs_the_server_only_for_mallopt_or_the_probe(tmp_path):
     assert env == {soak.MALLOPT_ENV: "M_MMAP_THRESHOLD=1048576", soak.PROBE_FILE_ENV: str(tmp_path / "probe.json")}
 
 
+@pytest.mark.parametrize("batching", [True, False], ids=["batching on", "batching off"])
+def test_the_soak_starts_the_server_with_flags_it_accepts(tmp_path, batching):
+    """The server refuses a batching file without --enable_batching, as tensorflow_model_server does."""
+    from serving import server
+
+    command, _ = soak.server_command(tmp_path, soak.Settings(model=tmp_path, batching=batching), tmp_path / "p.json")
+    options = server.parse_args(command[3:])
+    assert options.enable_batching is batching
+    assert server.option_errors(options) == []
+
+
 @pytest.mark.parametrize("flag", ["--grpc-no-abort", "--batcher-no-cycles", "--malloc-trim=1", "--trim-delay=1"])
 def test_the_removed_launcher_fixes_are_refused(flag, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
