@@ -21,6 +21,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving.errors import ServingError
+from serving.health import add_health_service
 from serving.models import ModelManager
 from serving.predict import Predictor, PredictResult
 from serving.status import SIGNATURE_DEF_FIELD, model_metadata, model_status
@@ -169,3 +170,4 @@ def add_services(server: grpc.aio.Server, predictor: Predictor) -> None:
                  PredictionService(predictor)),
         _handler(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelService(predictor.manager)),
     ))
+    add_health_service(server, predictor.manager)
