@@ -11,13 +11,18 @@ Other names: Check answers NOT_FOUND and Watch SERVICE_UNKNOWN, as the library d
 (the library leaves List UNIMPLEMENTED, with a traceback in the log for each call). The statuses are read from
 the model manager every POLL_SECONDS on the gRPC loop (the manager has no hook to subscribe to), and are
 NOT_SERVING for good once the server starts to stop: Watch streams hear it before the drain begins.
+
+The service is registered with this module's own handlers, not the library's add_HealthServicer_to_server: bytes
+that are not the request message get INVALID_ARGUMENT, as on the other services (serving/grpc_service.py),
+where the library's deserializer would have grpc answer UNKNOWN and log a traceback for each such call.
 """
 
 import asyncio
 import logging
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf import message
+from grpc_health.v1 import health, health_pb2
 from tensorflow_serving.apis import prediction_service_pb2
 
 from serving.models import ModelManager
@@ -25,6 +30,7 @@ from serving.models import ModelManager
 log = logging.getLogger("serving")
 
 POLL_SECONDS = 1.0
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -81,11 +87,62 @@ class ModelHealth(health.aio.HealthServicer):
             service: health_pb2.HealthCheckResponse(status=status) for service, status in self._server_status.items()})
 
 
+class _Malformed:
+    """What the deserializer hands a method for bytes that are not the request message."""
+
+    def __init__(self, error: message.DecodeError) -> None:
+        self.error = error
+
+
+def _parse(request_class):
+    def deserialize(data: bytes):
+        try:
+            return request_class.FromString(data)
+        except message.DecodeError as e:  # grpc would answer UNKNOWN and log a traceback for each such call
+            return _Malformed(e)
+    return deserialize
+
+
+async def _reject_malformed(name: str, request, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"Malformed {name} request: the bytes are not its protobuf message ({request.error})")
+
+
+def _handler(servicer: ModelHealth) -> grpc.GenericRpcHandler:
+    """The library's add_HealthServicer_to_server, with deserializers that turn bytes that do not parse into
+    INVALID_ARGUMENT instead of UNKNOWN."""
+
+    async def check(request, context):
+        await _reject_malformed("Check", request, context)
+        return await servicer.Check(request, context)
+
+    async def watch(request, context):  # writes its stream with context.write, as the library's Watch does
+        await _reject_malformed("Watch", request, context)
+        await servicer.Watch(request, context)
+
+    async def list_(request, context):
+        await _reject_malformed("List", request, context)
+        return await servicer.List(request, context)
+
+    check_request = _parse(health_pb2.HealthCheckRequest)
+    check_response = health_pb2.HealthCheckResponse.SerializeToString
+    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check, request_deserializer=check_request, response_serializer=check_response),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            watch, request_deserializer=check_request, response_serializer=check_response),
+        "List": grpc.unary_unary_rpc_method_handler(
+            list_, request_deserializer=_parse(health_pb2.HealthListRequest),
+            response_serializer=health_pb2.HealthListResponse.SerializeToString),
+    })
+
+
 def add_health_service(server: grpc.aio.Server, manager: ModelManager) -> ModelHealth:
     """Registers grpc.health.v1.Health on server, following manager, NOT_SERVING as soon as server.stop() is
     called: server.stop is wrapped (serving/server.py's RunningServer.stop calls it to drain)."""
     model_health = ModelHealth(manager)
-    health_pb2_grpc.add_HealthServicer_to_server(model_health, server)
+    server.add_generic_rpc_handlers((_handler(model_health),))
     model_health.start()
     stop = server.stop
 

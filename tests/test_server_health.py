@@ -3,6 +3,7 @@ model has an AVAILABLE version, Watch streams that hear each change, NOT_SERVING
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -61,6 +62,27 @@ def test_watch_of_an_unknown_service_is_service_unknown(server):
         assert next(call).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
     finally:
         call.cancel()
+
+
+@pytest.mark.parametrize("method, streaming", [("/grpc.health.v1.Health/Check", False),
+                                               ("/grpc.health.v1.Health/Watch", True),
+                                               ("/grpc.health.v1.Health/List", False)])
+def test_bytes_that_are_not_the_request_message_are_invalid_argument(server, caplog, method, streaming):
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        if streaming:
+            call = channel.unary_stream(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as error:
+                next(call(b"\xff\xff\xff", timeout=30))
+        else:
+            call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as error:
+                call(b"\xff\xff\xff", timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Malformed" in error.value.details()
+    # The library's handlers answer UNKNOWN and log "Unexpected [DecodeError] raised by servicer method" each time.
+    assert [record.getMessage() for record in caplog.records
+            if record.levelno >= logging.ERROR or record.exc_info] == []
+    assert check(health_stub(server)) == SERVING
 
 
 def test_not_serving_until_a_version_arrives_serving_until_it_is_removed(serve, model_base_path, tmp_path):
