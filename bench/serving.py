@@ -182,7 +182,8 @@ class ServerProcess:
         for line in text.splitlines():
             match = re.match(r':tensorflow:serving:request_count\{.*api="(\w+)",status="(\w+)"\} (\d+)', line)
             if match:
-                found[f"{match[1]}/{match[2]}"] = float(match[3])
+                key = f"{match[1]}/{match[2]}"  # summed over the model's versions (one series each)
+                found[key] = found.get(key, 0.0) + float(match[3])
             match = re.match(r":tensorflow:serving:batching_session:processed_batch_size_(sum|count) ([\d.e+]+)", line)
             if match:
                 found[f"batch_{match[1]}"] = float(match[2])

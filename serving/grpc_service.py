@@ -2,9 +2,11 @@
 
 The servicers are coroutines for a `grpc.aio` server: one event loop does the protocol work for every call,
 instead of a pool of threads that take turns at the GIL. Nothing here blocks the loop for long: Predict awaits
-the batcher (or a thread pool without batching); the metadata and status calls only read.
+the batcher (or a thread pool without batching); the metadata and status calls only read. With the access log
+on (serving/access_log.py), every call of these two services writes its line; the health service's do not.
 """
 
+import asyncio
 import inspect
 
 import grpc
@@ -20,6 +22,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving.access_log import AccessLog, note
 from serving.errors import ServingError
 from serving.health import add_health_service
 from serving.models import ModelManager
@@ -91,6 +94,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             served, signatures = model_metadata(self.predictor.manager, request.model_spec.name, version, label)
         except ServingError as e:
             return await _abort(context, e)
+        note(version=served)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = served
@@ -141,33 +145,52 @@ def _parse(request_class):
     return deserialize
 
 
-def _guarded(name: str, behaviour):
+def _guarded(name: str, behaviour, access_log: AccessLog):
     async def call(request, context):
         if isinstance(request, _Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"Malformed {name} request: the bytes are not its protobuf message ({request.error})")
         result = behaviour(request, context)  # the servicer bases' UNIMPLEMENTED methods are not coroutines
         return await result if inspect.isawaitable(result) else result
-    return call
+
+    async def logged(request, context):
+        spec = getattr(request, "model_spec", None)  # MultiInference names its models in its tasks: not logged
+        record = access_log.begin("grpc", name, context.peer(), spec.name if spec is not None else None)
+        failed = None
+        try:
+            return await call(request, context)
+        except asyncio.CancelledError:  # the client left or its deadline passed
+            failed = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:  # context.abort: the code is on the context
+            raise
+        except Exception:  # grpc.aio answers UNKNOWN for an exception of ours
+            failed = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            access_log.end(record, (failed or context.code() or grpc.StatusCode.OK).name)
+
+    return logged if access_log.enabled else call
 
 
-def _handler(service, servicer) -> grpc.GenericRpcHandler:
+def _handler(service, servicer, access_log: AccessLog) -> grpc.GenericRpcHandler:
     """The generated add_*_to_server, built from the service's descriptor, with a deserializer that turns
-    bytes that do not parse into INVALID_ARGUMENT instead of UNKNOWN."""
+    bytes that do not parse into INVALID_ARGUMENT instead of UNKNOWN, and each call's access-log line."""
     handlers = {}
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _guarded(method.name, getattr(servicer, method.name)), request_deserializer=_parse(request_class),
-            response_serializer=response_class.SerializeToString)
+            _guarded(method.name, getattr(servicer, method.name), access_log),
+            request_deserializer=_parse(request_class), response_serializer=response_class.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def add_services(server: grpc.aio.Server, predictor: Predictor) -> None:
     server.add_generic_rpc_handlers((
         _handler(prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"],
-                 PredictionService(predictor)),
-        _handler(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelService(predictor.manager)),
+                 PredictionService(predictor), predictor.access_log),
+        _handler(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelService(predictor.manager),
+                 predictor.access_log),
     ))
     add_health_service(server, predictor.manager)

@@ -2,6 +2,8 @@
 
 `predict` blocks the calling thread (REST); `predict_async` is the same on an asyncio loop (gRPC): with
 batching it awaits the batcher, without it the signature runs on a thread pool so the loop keeps serving.
+Each request is counted in the metrics (serving/metrics.py) under the version that answered it, and that version
+and the request's batch size are noted for its access-log line (serving/access_log.py).
 """
 
 import asyncio
@@ -14,12 +16,15 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from serving.access_log import AccessLog, note
 from serving.batching import Batcher
 from serving.errors import ServingError
 from serving.limits import RequestLimits
 from serving.memory import Trimmer, input_bytes
 from serving.metrics import Metrics
 from serving.models import DEFAULT_SIGNATURE, ModelManager, Servable
+
+PREDICT = "Predict"  # the API label of the metrics and the method of the access log, as TF Serving names it
 
 
 @dataclass
@@ -33,42 +38,55 @@ class PredictResult:
 class Predictor:
     def __init__(self, manager: ModelManager, batcher: Batcher | None, metrics: Metrics,
                  executor: Executor | None = None, limits: RequestLimits | None = None,
-                 trimmer: Trimmer | None = None) -> None:
+                 trimmer: Trimmer | None = None, access_log: AccessLog | None = None) -> None:
         self.manager, self.batcher, self.metrics = manager, batcher, metrics
+        self.access_log = access_log or AccessLog()  # the front ends write it; off unless given one
         self.trimmer = trimmer  # told each request's size: gives the heap back after bursts of large ones
         self.limits = limits or RequestLimits()  # images a request may hold (serving/limits.py; pixels: the graph)
         self.executor = executor  # where a call the batcher does not take runs
 
     @contextmanager
-    def _serving(self, model_name: str, version: int | None, label: str | None,
-                 api: str) -> Iterator[Servable]:
-        """The servable for one request, held while it runs; the request's status and latency recorded."""
+    def _serving(self, model_name: str, version: int | None, label: str | None, api: str,
+                 method: str) -> Iterator[Servable]:
+        """The servable for one request, held while it runs; the request's status and latency recorded under the
+        version that answered (none if the request failed before one was found)."""
         started = time.monotonic()
         status = "OK"
+        served = None
         try:
             with self.manager.acquire(model_name, version, label) as servable:
+                served = servable.version
+                note(version=served)
                 yield servable
         except ServingError as e:
             status = e.code.name
             raise
+        except asyncio.CancelledError:  # the gRPC client left (or its deadline passed) before the answer
+            status = grpc.StatusCode.CANCELLED.name
+            raise
+        except Exception:  # a bug of ours: gRPC answers UNKNOWN, REST 500
+            status = grpc.StatusCode.UNKNOWN.name
+            raise
         finally:
-            self.metrics.record_request(model_name, api, status, time.monotonic() - started)
+            self.metrics.record_request(model_name, served, api, method, status, time.monotonic() - started)
 
     def predict(self, model_name: str, version: int | None, label: str | None, signature_name: str,
                 get_inputs: Callable[[Servable, str], dict[str, np.ndarray]], output_filter: list[str] | None = None,
                 api: str = "grpc") -> PredictResult:
         """get_inputs(servable, signature_name) builds the input arrays once the servable is known."""
         signature_name = signature_name or DEFAULT_SIGNATURE
-        with self._serving(model_name, version, label, api) as servable:
+        with self._serving(model_name, version, label, api, PREDICT) as servable:
             inputs = get_inputs(servable, signature_name)
             try:
                 batch_size = self._check(servable, signature_name, inputs, output_filter)
+                started = time.monotonic()
                 if self.batcher and batch_size:
                     outputs = self.batcher.run(servable, signature_name, inputs, batch_size)
                 elif self.executor:  # not on the caller's thread: see serving/batching.py on REST threads
                     outputs = self.executor.submit(servable.run, signature_name, inputs).result()
                 else:
                     outputs = servable.run(signature_name, inputs)
+                self.metrics.record_runtime(servable.name, servable.version, PREDICT, time.monotonic() - started)
                 return self._result(servable, signature_name, outputs, output_filter)
             finally:
                 self._ended(inputs)
@@ -78,13 +96,15 @@ class Predictor:
                             api: str = "grpc") -> PredictResult:
         signature_name = signature_name or DEFAULT_SIGNATURE
         try:
-            with self._serving(model_name, version, label, api) as servable:
+            with self._serving(model_name, version, label, api, PREDICT) as servable:
                 batch_size = self._check(servable, signature_name, inputs, output_filter)
+                started = time.monotonic()
                 if self.batcher and batch_size:
                     outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size)
                 else:
                     outputs = await asyncio.get_running_loop().run_in_executor(self.executor, servable.run,
                                                                                signature_name, inputs)
+                self.metrics.record_runtime(servable.name, servable.version, PREDICT, time.monotonic() - started)
                 return self._result(servable, signature_name, outputs, output_filter)
         finally:
             self._ended(inputs)
@@ -98,6 +118,7 @@ class Predictor:
         """Validates inputs, the request's bounds and the output filter; returns the batch size (None: cannot be
         merged)."""
         batch_size = servable.check_inputs(signature_name, inputs)
+        note(batch_size=batch_size)
         self.limits.check(inputs)
         if output_filter:
             known = servable.output_names(signature_name)

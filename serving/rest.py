@@ -2,7 +2,9 @@
 
 Routes: GET /v1/models/{name}[/versions/{v}|/labels/{l}][/metadata], POST ...:predict, and the Prometheus
 endpoint when monitoring enables it. Errors are {"error": "..."} with 400 for bad input, 404 for unknown
-models, versions and paths, 405 for a wrong method, 411/413 for a missing or too large body.
+models, versions and paths, 405 for a wrong method, 411/413 for a missing or too large body. With the access
+log on (serving/access_log.py), each request to a model's path writes its line (the page, the metrics and
+paths that name no model do not).
 """
 
 import json
@@ -19,6 +21,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from serving.access_log import CLIENT_CLOSED_REQUEST, note, peer
 from serving.errors import ServingError
 from serving.models import Servable
 from serving.predict import Predictor
@@ -149,6 +152,7 @@ class RestHandler(BaseHTTPRequestHandler):
         log.debug("%s - %s", self.address_string(), format % args)
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.sent_status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -199,6 +203,8 @@ class RestHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self.body_read = False
+        self.sent_status: int | None = None
+        self.call = None  # the access-log record, once the path names a model (see _route)
         self.server.track(1)
         try:
             if self.server.draining and not self.server.accepted_before_stop(self.request):
@@ -215,6 +221,7 @@ class RestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send_error(500, "Internal server error")
         finally:
+            self.server.predictor.access_log.end(self.call, self.sent_status or CLIENT_CLOSED_REQUEST)
             self.server.track(-1)
 
     do_GET = do_POST = _dispatch
@@ -239,6 +246,8 @@ class RestHandler(BaseHTTPRequestHandler):
         if not match:
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"Malformed request: {self.command} {path}")
         name, label, verb = match["name"], match["label"], match["verb"]
+        method = verb.capitalize() if verb else "GetModelMetadata" if match["metadata"] else "GetModelStatus"
+        self.call = self.server.predictor.access_log.begin("rest", method, peer(self.client_address), name)
         version = None
         if match["version"] is not None:
             text = match["version"]
@@ -264,6 +273,7 @@ class RestHandler(BaseHTTPRequestHandler):
 
     def _metadata(self, name: str, version: int | None, label: str | None) -> None:
         served, signatures = model_metadata(self.server.predictor.manager, name, version, label)
+        note(version=served)
         signature_defs = json_format.MessageToDict(signatures, preserving_proto_field_name=True)
         self._send_json(200, {"model_spec": {"name": name, "signature_name": "", "version": str(served)},
                               "metadata": {SIGNATURE_DEF_FIELD: signature_defs}})

@@ -396,12 +396,13 @@ def test_a_model_name_cannot_inject_metrics_or_add_series_without_end(server, st
 
 
 def test_prometheus_metrics_count_requests(server, stub, digits):
+    ok = ':tensorflow:serving:request_count{model_name="mnist",version="1",api="grpc",status="OK"}'
     status, text = rest(server, "/monitoring/prometheus/metrics")
-    before = metric_value(text, ':tensorflow:serving:request_count{model_name="mnist",api="grpc",status="OK"}')
+    before = metric_value(text, ok)
     stub.Predict(predict_request(digits[0][:1]), timeout=30)
     status, text = rest(server, "/monitoring/prometheus/metrics")
     assert status == 200
-    after = metric_value(text, ':tensorflow:serving:request_count{model_name="mnist",api="grpc",status="OK"}')
+    after = metric_value(text, ok)
     assert after == before + 1
     assert ":tensorflow:serving:request_latency_bucket" in text
 
