@@ -40,6 +40,8 @@ Differences, all deliberate:
 - `--static_dir` (not in tensorflow_model_server): the drawing page's directory, served at / on the REST port
   (GET only; the files in it and nothing else; serving/static.py). Default: the repository's web/;
   `--static_dir=` serves no page.
+- `--access_log_file` (not in tensorflow_model_server): one JSON line for each Predict, metadata and status
+  request, gRPC and REST (serving/access_log.py); "-" writes them to stdout; off by default.
 """
 
 import argparse
@@ -60,10 +62,11 @@ import grpc
 import tensorflow as tf
 
 from serving import configs
+from serving.access_log import AccessLog
 from serving.batching import Batcher, BatchingOptions
 from serving.grpc_service import add_services
 from serving.limits import DEFAULT_MAX_IMAGES, RequestLimits
-from serving.memory import Trimmer
+from serving.memory import DEFAULT_ARENAS, Trimmer, limit_arenas
 from serving.metrics import Metrics
 from serving.models import Model, ModelManager
 from serving.predict import Predictor
@@ -128,6 +131,14 @@ class ServerOptions:
         "Directory of the drawing page, served at / on the REST port; empty: no page.")})
     max_images_per_request: int = field(default=DEFAULT_MAX_IMAGES, metadata={"help": OWN_FLAG + (
         "Most images one request may hold (more: INVALID_ARGUMENT, REST 400); 0 turns the bound off.")})
+    access_log_file: str = field(default="", metadata={"help": OWN_FLAG + (
+        "File the access log is appended to: one JSON line for each Predict, metadata and status request (time, "
+        "model, version, API, status, latency, batch size, client; never the request's body); - for stdout; "
+        "empty: no access log.")})
+    malloc_arena_max: int = field(default=DEFAULT_ARENAS, metadata={"help": OWN_FLAG + (
+        "Most malloc arenas glibc may make (mallopt M_ARENA_MAX, as MALLOC_ARENA_MAX), set before the server's "
+        "threads start: each arena keeps free memory of its own between the chunks in use (docs/fuzzing.md); "
+        "0: glibc's default, 8 a CPU.")})
 
 
 # What 0 means for the flags that refuse a negative value.
@@ -137,6 +148,7 @@ NOT_NEGATIVE = {
     "tensorflow_intra_op_parallelism": "0 lets TensorFlow choose; TensorFlow aborts on a negative one",
     "grace_period_seconds": "0 stops at once",
     "max_images_per_request": "0 turns the bound off",
+    "malloc_arena_max": "0 keeps glibc's default",
 }
 
 
@@ -250,8 +262,9 @@ async def _start_grpc(predictor: Predictor, address: str) -> tuple[grpc.aio.Serv
 class RunningServer:
     def __init__(self, manager: ModelManager, batcher: Batcher | None, grpc_server: grpc.aio.Server, grpc_port: int,
                  rest: RestServer | None, metrics: Metrics, executor: futures.Executor | None = None,
-                 trimmer: Trimmer | None = None) -> None:
+                 trimmer: Trimmer | None = None, access_log: AccessLog | None = None) -> None:
         self.manager, self.batcher, self.metrics, self.trimmer = manager, batcher, metrics, trimmer
+        self.access_log = access_log
         self.grpc_server, self.grpc_port = grpc_server, grpc_port
         self._executor = executor
         self.rest = rest
@@ -286,6 +299,8 @@ class RunningServer:
             if self.trimmer.available:
                 log.info("Memory: %s", self.trimmer.summary())
         self.manager.stop()
+        if self.access_log:
+            self.access_log.close()  # the lines of the drained requests written
         log.info("Stopped")
 
 
@@ -295,6 +310,7 @@ def start_server(options: ServerOptions) -> RunningServer:
     _set_tf_threads(options)
     models = build_models(options)
     metrics_path = _metrics_path(options)
+    access_log = AccessLog(options.access_log_file)  # opened before the models load: a bad path fails at once
     batcher = None
     metrics = Metrics()
     if options.enable_batching:
@@ -316,7 +332,7 @@ def start_server(options: ServerOptions) -> RunningServer:
     executor = futures.ThreadPoolExecutor(PREDICT_THREADS, thread_name_prefix="predict")
     limits = RequestLimits(options.max_images_per_request)
     trimmer = Trimmer().start()  # heap that large requests freed, given back once a burst of them is over
-    predictor = Predictor(manager, batcher, metrics, executor, limits, trimmer)
+    predictor = Predictor(manager, batcher, metrics, executor, limits, trimmer, access_log)
     started = asyncio.run_coroutine_threadsafe(_start_grpc(predictor, f"{options.host}:{options.port}"),
                                                grpc_event_loop())
     grpc_server, grpc_port = started.result()
@@ -330,7 +346,7 @@ def start_server(options: ServerOptions) -> RunningServer:
         if options.static_dir:
             log.info("Drawing page at http://%s:%d/ (from %s)", options.host, rest.server_address[1],
                      options.static_dir)
-    server = RunningServer(manager, batcher, grpc_server, grpc_port, rest, metrics, executor, trimmer)
+    server = RunningServer(manager, batcher, grpc_server, grpc_port, rest, metrics, executor, trimmer, access_log)
     print(f"listening grpc_port={server.grpc_port} rest_port={server.rest_port}", flush=True)
     return server
 
@@ -400,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     if errors := option_errors(options):
         parser.error("; ".join(errors))  # exit status 2, before anything loads
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if limit_arenas(options.malloc_arena_max):  # not in start_server: in-process servers share their host's heap
+        log.info("malloc arenas: at most %d", options.malloc_arena_max)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # before start: a signal while starting still drains
         signal.signal(signum, lambda number, frame: stop.set())

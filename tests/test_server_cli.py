@@ -65,9 +65,10 @@ FLAG_DEFAULTS = {
     "file_system_poll_wait_seconds": "1.0", "max_num_load_retries": "5", "load_retry_interval_micros": "60000000",
     "monitoring_config_file": '""', "rest_api_timeout_in_ms": "30000", "tensorflow_intra_op_parallelism": "0",
     "tensorflow_inter_op_parallelism": "0", "host": '"0.0.0.0"', "grace_period_seconds": "10.0",
-    "static_dir": f'"{ROOT / "web"}"', "max_images_per_request": "4096",
+    "static_dir": f'"{ROOT / "web"}"', "max_images_per_request": "4096", "malloc_arena_max": "2",
 }
-OWN_FLAGS = ("host", "grace_period_seconds", "static_dir", "max_images_per_request")
+OWN_FLAGS = ("host", "grace_period_seconds", "static_dir", "max_images_per_request", "access_log_file",
+             "malloc_arena_max")
 
 
 def run_server(*flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -267,6 +268,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_base_path, tmp_path
     text = "".join(output)
     assert "Loading servable mnist version 1 from models/mnist/1" in text
     assert "draining" in text and "Exiting cleanly" in text
+    assert "malloc arenas: at most 2" in text  # the default --malloc_arena_max, set before the threads start
+    assert "Memory: heap given back" in text  # the trimmer's account at stop
 
 
 def test_stop_ends_kept_alive_connections_instead_of_serving_them(serve):

@@ -4,8 +4,11 @@ when it trims, and that the server tells it about every request."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -114,3 +117,32 @@ def test_rest_connections_leave_no_tensorflow_state_behind(model_base_path, mnis
     grown = sum(stat.count_diff for stat in after.compare_to(before, "filename")
                 if stat.traceback[0].filename.endswith(("eager/context.py", "eager/execute.py")))
     assert grown < 50, f"{grown} more blocks held by TensorFlow's per-thread state after 150 connections"
+
+
+ARENAS_SCRIPT = """
+import ctypes, sys, threading
+from serving.memory import limit_arenas
+print(limit_arenas(int(sys.argv[1])), flush=True)
+barrier = threading.Barrier(12)
+def allocate():
+    held = [bytearray(100_000) for _ in range(20)]
+    barrier.wait()  # all twelve alive at once, each with the arena it allocated from
+threads = [threading.Thread(target=allocate) for _ in range(12)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize("limit, most", [(0, None), (2, 2)])
+def test_the_arena_limit_caps_glibcs_arenas_however_many_threads_allocate(limit, most):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc arenas")
+    run = subprocess.run([sys.executable, "-c", ARENAS_SCRIPT, str(limit)], capture_output=True, text=True,
+                         timeout=60, cwd=str(Path(__file__).resolve().parents[1]))
+    arenas = run.stderr.count("Arena ")
+    assert run.stdout.strip() == str(limit > 0)
+    if most is None:
+        assert arenas > 2  # the glibc default: an arena for each of the threads, up to 8 a CPU
+    else:
+        assert 1 <= arenas <= most
