@@ -1,6 +1,7 @@
 """The one error type the server raises for a request, carrying the gRPC status it maps to."""
 
 import grpc
+from google.protobuf import message
 
 # How tensorflow_serving/model_servers/http_rest_api_handler maps a status to an HTTP code.
 _HTTP_STATUS = {
@@ -46,3 +47,28 @@ class ServingError(Exception):
 def status_code_from_int(value: int) -> grpc.StatusCode:
     """tf.errors.OpError.error_code and StatusProto.error_code use the gRPC numbering."""
     return _BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
+
+
+class Malformed:
+    """What a request deserializer hands a method for bytes that are not its request message."""
+
+    def __init__(self, error: message.DecodeError) -> None:
+        self.error = error
+
+
+def parse_request(request_class):
+    """A gRPC request deserializer that returns Malformed instead of raising: grpc would answer UNKNOWN and log a
+    traceback for each such call."""
+    def deserialize(data: bytes):
+        try:
+            return request_class.FromString(data)
+        except message.DecodeError as e:
+            return Malformed(e)
+    return deserialize
+
+
+async def reject_malformed(method: str, request, context: grpc.aio.ServicerContext) -> None:
+    """INVALID_ARGUMENT, with what was wrong, for a request parse_request could not read."""
+    if isinstance(request, Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"Malformed {method} request: the bytes are not its protobuf message ({request.error})")

@@ -10,7 +10,7 @@ import asyncio
 import inspect
 
 import grpc
-from google.protobuf import message, message_factory
+from google.protobuf import message_factory
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -23,7 +23,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving.access_log import AccessLog, note
-from serving.errors import ServingError
+from serving.errors import ServingError, parse_request, reject_malformed
 from serving.health import add_health_service
 from serving.models import ModelManager
 from serving.predict import Predictor, PredictResult
@@ -129,27 +129,9 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
                             "HandleReloadConfigRequest is not implemented: restart the server with the new config")
 
 
-class _Malformed:
-    """What the deserializer hands a servicer for bytes that are not the request message."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _parse(request_class):
-    def deserialize(data: bytes):
-        try:
-            return request_class.FromString(data)
-        except message.DecodeError as e:  # grpc would answer UNKNOWN and log a traceback for each such call
-            return _Malformed(e)
-    return deserialize
-
-
 def _guarded(name: str, behaviour, access_log: AccessLog):
     async def call(request, context):
-        if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"Malformed {name} request: the bytes are not its protobuf message ({request.error})")
+        await reject_malformed(name, request, context)
         result = behaviour(request, context)  # the servicer bases' UNIMPLEMENTED methods are not coroutines
         return await result if inspect.isawaitable(result) else result
 
@@ -182,7 +164,7 @@ def _handler(service, servicer, access_log: AccessLog) -> grpc.GenericRpcHandler
         response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _guarded(method.name, getattr(servicer, method.name), access_log),
-            request_deserializer=_parse(request_class), response_serializer=response_class.SerializeToString)
+            request_deserializer=parse_request(request_class), response_serializer=response_class.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 

@@ -21,10 +21,10 @@ import asyncio
 import logging
 
 import grpc
-from google.protobuf import message
 from grpc_health.v1 import health, health_pb2
 from tensorflow_serving.apis import prediction_service_pb2
 
+from serving.errors import parse_request, reject_malformed
 from serving.models import ModelManager
 
 log = logging.getLogger("serving")
@@ -87,45 +87,23 @@ class ModelHealth(health.aio.HealthServicer):
             service: health_pb2.HealthCheckResponse(status=status) for service, status in self._server_status.items()})
 
 
-class _Malformed:
-    """What the deserializer hands a method for bytes that are not the request message."""
-
-    def __init__(self, error: message.DecodeError) -> None:
-        self.error = error
-
-
-def _parse(request_class):
-    def deserialize(data: bytes):
-        try:
-            return request_class.FromString(data)
-        except message.DecodeError as e:  # grpc would answer UNKNOWN and log a traceback for each such call
-            return _Malformed(e)
-    return deserialize
-
-
-async def _reject_malformed(name: str, request, context: grpc.aio.ServicerContext) -> None:
-    if isinstance(request, _Malformed):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"Malformed {name} request: the bytes are not its protobuf message ({request.error})")
-
-
 def _handler(servicer: ModelHealth) -> grpc.GenericRpcHandler:
     """The library's add_HealthServicer_to_server, with deserializers that turn bytes that do not parse into
     INVALID_ARGUMENT instead of UNKNOWN."""
 
     async def check(request, context):
-        await _reject_malformed("Check", request, context)
+        await reject_malformed("Check", request, context)
         return await servicer.Check(request, context)
 
     async def watch(request, context):  # writes its stream with context.write, as the library's Watch does
-        await _reject_malformed("Watch", request, context)
+        await reject_malformed("Watch", request, context)
         await servicer.Watch(request, context)
 
     async def list_(request, context):
-        await _reject_malformed("List", request, context)
+        await reject_malformed("List", request, context)
         return await servicer.List(request, context)
 
-    check_request = _parse(health_pb2.HealthCheckRequest)
+    check_request = parse_request(health_pb2.HealthCheckRequest)
     check_response = health_pb2.HealthCheckResponse.SerializeToString
     return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
         "Check": grpc.unary_unary_rpc_method_handler(
@@ -133,7 +111,7 @@ def _handler(servicer: ModelHealth) -> grpc.GenericRpcHandler:
         "Watch": grpc.unary_stream_rpc_method_handler(
             watch, request_deserializer=check_request, response_serializer=check_response),
         "List": grpc.unary_unary_rpc_method_handler(
-            list_, request_deserializer=_parse(health_pb2.HealthListRequest),
+            list_, request_deserializer=parse_request(health_pb2.HealthListRequest),
             response_serializer=health_pb2.HealthListResponse.SerializeToString),
     })
 

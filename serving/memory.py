@@ -52,19 +52,15 @@ def limit_arenas(count: int) -> bool:
     made stay. 0 or a C library without mallopt (musl, macOS): nothing changes."""
     if count <= 0:
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return False
+    mallopt = _libc("mallopt")
     return bool(mallopt and mallopt(M_ARENA_MAX, count))
 
 
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+def _libc(function: str):
+    """A glibc function, or None where the C library has none (musl, macOS)."""
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return getattr(ctypes.CDLL(name), function) if name else None
     except (OSError, AttributeError):
         return None
 
@@ -77,7 +73,7 @@ class Trimmer:
         self.under_load = 0  # of them, while requests kept ending
         self.seconds = 0.0  # spent in malloc_trim, all trims
         self.longest = 0.0
-        self._trim = _malloc_trim()
+        self._trim = _libc("malloc_trim")
         self._last_large: float | None = None  # when the last large request ended, until trimmed
         self._pending = 0  # input bytes of the requests that ended since the last trim
         self._last_trim = time.monotonic()
