@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (
 
 from serving.access_log import AccessLog, note
 from serving.errors import ServingError, parse_request, reject_malformed
-from serving.health import add_health_service
+from serving.health import ModelHealth, add_health_service
 from serving.models import ModelManager
 from serving.predict import Predictor, PredictResult
 from serving.status import SIGNATURE_DEF_FIELD, model_metadata, model_status
@@ -168,11 +168,12 @@ def _handler(service, servicer, access_log: AccessLog) -> grpc.GenericRpcHandler
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-def add_services(server: grpc.aio.Server, predictor: Predictor) -> None:
+def add_services(server: grpc.aio.Server, predictor: Predictor) -> ModelHealth:
+    """Registers every service; returns the health service, which the server tells when it starts to stop."""
     server.add_generic_rpc_handlers((
         _handler(prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"],
                  PredictionService(predictor), predictor.access_log),
         _handler(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelService(predictor.manager),
                  predictor.access_log),
     ))
-    add_health_service(server, predictor.manager)
+    return add_health_service(server, predictor.manager)

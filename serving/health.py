@@ -117,16 +117,9 @@ def _handler(servicer: ModelHealth) -> grpc.GenericRpcHandler:
 
 
 def add_health_service(server: grpc.aio.Server, manager: ModelManager) -> ModelHealth:
-    """Registers grpc.health.v1.Health on server, following manager, NOT_SERVING as soon as server.stop() is
-    called: server.stop is wrapped (serving/server.py's RunningServer.stop calls it to drain)."""
+    """Registers grpc.health.v1.Health on server, following manager. The server's stop awaits the returned
+    servicer's shutdown() before it drains, so Watch streams hear NOT_SERVING first."""
     model_health = ModelHealth(manager)
     server.add_generic_rpc_handlers((_handler(model_health),))
     model_health.start()
-    stop = server.stop
-
-    async def stop_not_serving(grace: float | None) -> None:
-        await model_health.shutdown()
-        await stop(grace)
-
-    server.stop = stop_not_serving
     return model_health

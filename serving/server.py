@@ -65,6 +65,7 @@ from serving import configs
 from serving.access_log import AccessLog
 from serving.batching import Batcher, BatchingOptions
 from serving.grpc_service import add_services
+from serving.health import ModelHealth
 from serving.limits import DEFAULT_MAX_IMAGES, RequestLimits
 from serving.memory import DEFAULT_ARENAS, Trimmer, limit_arenas
 from serving.metrics import Metrics
@@ -244,11 +245,11 @@ def grpc_event_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-async def _start_grpc(predictor: Predictor, address: str) -> tuple[grpc.aio.Server, int]:
+async def _start_grpc(predictor: Predictor, address: str) -> tuple[grpc.aio.Server, int, ModelHealth]:
     message_limits = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.aio.server(options=message_limits)
-    add_services(server, predictor)
+    health = add_services(server, predictor)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError:
@@ -256,16 +257,17 @@ async def _start_grpc(predictor: Predictor, address: str) -> tuple[grpc.aio.Serv
     if not port:
         raise OSError(f"Could not bind gRPC to {address}")
     await server.start()
-    return server, port
+    return server, port, health
 
 
 class RunningServer:
     def __init__(self, manager: ModelManager, batcher: Batcher | None, grpc_server: grpc.aio.Server, grpc_port: int,
                  rest: RestServer | None, metrics: Metrics, executor: futures.Executor | None = None,
-                 trimmer: Trimmer | None = None, access_log: AccessLog | None = None) -> None:
+                 trimmer: Trimmer | None = None, access_log: AccessLog | None = None,
+                 health: ModelHealth | None = None) -> None:
         self.manager, self.batcher, self.metrics, self.trimmer = manager, batcher, metrics, trimmer
         self.access_log = access_log
-        self.grpc_server, self.grpc_port = grpc_server, grpc_port
+        self.grpc_server, self.grpc_port, self.health = grpc_server, grpc_port, health
         self._executor = executor
         self.rest = rest
         self.rest_port = rest.server_address[1] if rest else None
@@ -274,10 +276,15 @@ class RunningServer:
             self._rest_thread = threading.Thread(target=rest.serve_forever, name="rest", daemon=True)
             self._rest_thread.start()
 
+    async def _stop_grpc(self, grace_seconds: float) -> None:
+        if self.health:  # NOT_SERVING for Watch streams and probes before the drain begins
+            await self.health.shutdown()
+        await self.grpc_server.stop(grace_seconds)
+
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish (at most grace_seconds), release everything."""
         log.info("Stopping: no new connections, draining in-flight requests (grace %.0f s)", grace_seconds)
-        grpc_done = asyncio.run_coroutine_threadsafe(self.grpc_server.stop(grace_seconds), grpc_event_loop())
+        grpc_done = asyncio.run_coroutine_threadsafe(self._stop_grpc(grace_seconds), grpc_event_loop())
         if self.rest:
             self.rest.draining = True
             self.rest.shutdown()
@@ -335,7 +342,7 @@ def start_server(options: ServerOptions) -> RunningServer:
     predictor = Predictor(manager, batcher, metrics, executor, limits, trimmer, access_log)
     started = asyncio.run_coroutine_threadsafe(_start_grpc(predictor, f"{options.host}:{options.port}"),
                                                grpc_event_loop())
-    grpc_server, grpc_port = started.result()
+    grpc_server, grpc_port, health = started.result()
     log.info("Running gRPC ModelServer at %s:%d", options.host, grpc_port)
     rest = None
     if options.rest_api_port >= 0:
@@ -346,7 +353,8 @@ def start_server(options: ServerOptions) -> RunningServer:
         if options.static_dir:
             log.info("Drawing page at http://%s:%d/ (from %s)", options.host, rest.server_address[1],
                      options.static_dir)
-    server = RunningServer(manager, batcher, grpc_server, grpc_port, rest, metrics, executor, trimmer, access_log)
+    server = RunningServer(manager, batcher, grpc_server, grpc_port, rest, metrics, executor, trimmer, access_log,
+                           health)
     print(f"listening grpc_port={server.grpc_port} rest_port={server.rest_port}", flush=True)
     return server
 
