@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training import evaluate, robustness
+from training import evaluate, robustness, samples
 from training.config import Config
 
 N = 40
@@ -83,15 +83,15 @@ def test_renderings_are_files_of_the_stated_kind(mnist_test_arrays):
 
 def test_the_28x28_files_hold_the_digits_pixels_exactly(mnist_test_arrays):
     images = mnist_test_arrays[0][:8]
-    files = robustness.png_files(images)
+    files = samples.encode_pngs(images)
     assert all(f.startswith(b"\x89PNG") for f in files)
     np.testing.assert_array_equal(np.stack([tf.io.decode_png(f).numpy() for f in files]), images)
 
 
 def test_inverted_and_black_on_white_digits_get_the_clean_answers(signature, mnist_test_arrays):
     images = mnist_test_arrays[0][:N]
-    clean = robustness.predict_files(signature, evaluate.encode_pngs(images))
-    inverted = robustness.predict_files(signature, evaluate.encode_pngs(robustness.invert(images, None)))
+    clean = robustness.predict_files(signature, samples.encode_pngs(images))
+    inverted = robustness.predict_files(signature, samples.encode_pngs(robustness.invert(images, None)))
     paper = robustness.predict_files(signature, robustness.RENDERINGS["file_png_grey_28"][1](images, None))
     np.testing.assert_array_equal(inverted, clean)
     np.testing.assert_array_equal(paper, clean)
@@ -99,8 +99,8 @@ def test_inverted_and_black_on_white_digits_get_the_clean_answers(signature, mni
 
 def test_refused_images_count_as_wrong_without_failing_their_batch(signature, mnist_test_arrays):
     images = mnist_test_arrays[0][:5]
-    files = evaluate.encode_pngs(images)
-    files.insert(2, evaluate.encode_pngs(np.zeros((1, 28, 28, 1), np.uint8))[0])  # blank: "no ink found"
+    files = samples.encode_pngs(images)
+    files.insert(2, samples.encode_pngs(np.zeros((1, 28, 28, 1), np.uint8))[0])  # blank: "no ink found"
     predicted = robustness.predict_files(signature, files)
     assert predicted[2] == -1
     np.testing.assert_array_equal(np.delete(predicted, 2), robustness.predict_files(signature, files[:2] + files[3:]))

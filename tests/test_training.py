@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from tests.conftest import tiny_config
-from training import evaluate, export, preprocessing, train
+from training import evaluate, export, preprocessing, samples, train
 from training.config import Config
 from training.model import build_model
 
@@ -57,7 +57,7 @@ def test_reloaded_model_reads_real_digits_from_png_bytes(model_base_path, mnist_
 
 
 def test_pixel_signature_agrees_with_the_bytes_signature(model_base_path, mnist_test_arrays):
-    pngs = tf.constant(evaluate.encode_pngs(mnist_test_arrays[0][:16]))
+    pngs = tf.constant(samples.encode_pngs(mnist_test_arrays[0][:16]))
     loaded = tf.saved_model.load(str(model_base_path / "1"))
     by_pixels = loaded.signatures["predict_pixels"](pixels=preprocessing.decode_batch(pngs))
     by_bytes = loaded.signatures["serving_default"](image_bytes=pngs)

@@ -18,15 +18,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from training import data, plots, robustness
+from training import data, plots, robustness, samples
 from training.config import Config
 from training.export import versions
 from training.model import NUM_CLASSES
-
-
-def encode_pngs(images: np.ndarray) -> list[bytes]:
-    """uint8 [N, 28, 28, 1] -> PNG files' bytes, as a client would send them."""
-    return [tf.io.encode_png(image).numpy() for image in images]
 
 
 def predict_bytes(signature, images: list[bytes], batch_size: int = 256) -> np.ndarray:
@@ -68,7 +63,7 @@ def load_test_arrays(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
 def evaluate_export(export_path: str | Path, images: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
     """Metrics of an exported version on uint8 test images sent as PNG bytes; also returns probabilities."""
     signature = tf.saved_model.load(str(export_path)).signatures["serving_default"]
-    pngs = encode_pngs(images)
+    pngs = samples.encode_pngs(images)
     start = time.monotonic()
     probabilities = predict_bytes(signature, pngs)
     metrics = classification_metrics(probabilities, labels)

@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageFilter
 
-from training import mnist_c, plots
+from training import mnist_c, plots, samples
 from training.mnist_c import SEED  # one seed for every corrupted test set
 from training.model import NUM_CLASSES
 from training.preprocessing import decode_batch
@@ -284,17 +284,12 @@ RENDERINGS: dict[str, tuple[str, Callable[[np.ndarray, np.random.Generator], lis
 }
 
 
-def png_files(images: np.ndarray) -> list[bytes]:
-    """uint8 digits [n, 28, 28, 1] as 28x28 grey PNG files (lossless: the model decodes the digits' own pixels)."""
-    return [_encode(Image.fromarray(image[:, :, 0]), "PNG") for image in images]
-
-
 def _as_pngs(corrupt: Callable[[np.ndarray, np.random.Generator], np.ndarray]):
-    return lambda images, rng: png_files(corrupt(images, rng))
+    return lambda images, rng: samples.encode_pngs(corrupt(images, rng))
 
 
 def _mnist_c_files(name: str) -> Callable[[np.ndarray, np.random.Generator], list[bytes]]:
-    return lambda images, rng: png_files(mnist_c.corrupt(name, images, seed=int(rng.integers(2**31))))
+    return lambda images, rng: samples.encode_pngs(mnist_c.corrupt(name, images, seed=int(rng.integers(2**31))))
 
 
 def _first_line(text: str | None) -> str:
@@ -305,7 +300,7 @@ def variants(seen: dict[str, str] | None = None) -> list[Variant]:
     """Every variant of the report, clean first; `seen` marks the MNIST-C families training saw (default: all
     that the augmentation can apply)."""
     seen = seen_in_training({}) if seen is None else seen
-    out = [Variant("clean", "clean", "the test digits as 28x28 PNG", lambda images, rng: png_files(images))]
+    out = [Variant("clean", "clean", "the test digits as 28x28 PNG", lambda images, rng: samples.encode_pngs(images))]
     out += [Variant(name, "corruption", text, _as_pngs(fn)) for name, (text, fn) in CORRUPTIONS.items()]
     out += [Variant(name, "file", text, fn) for name, (text, fn) in RENDERINGS.items()]
     out += [Variant(f"mnist_c_{name}", "mnist_c", _first_line(fn.__doc__), _mnist_c_files(name),

@@ -8,10 +8,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from training import data
 from training.config import Config
+
+
+def encode_pngs(images: np.ndarray) -> list[bytes]:
+    """uint8 [N, 28, 28, 1] -> PNG files' bytes, as a client would send them (lossless: the model decodes the
+    digits' own pixels)."""
+    return [tf.io.encode_png(image).numpy() for image in images]
 
 
 def write_samples(out_dir: str | Path, count: int, data_dir: str = Config.data_dir) -> list[Path]:
@@ -20,7 +27,7 @@ def write_samples(out_dir: str | Path, count: int, data_dir: str = Config.data_d
     paths = []
     for index, (image, label) in enumerate(data.load_split(Config(data_dir=data_dir, test_subset=count), "test")):
         path = out / f"{index:05d}_label{int(label)}.png"
-        path.write_bytes(tf.io.encode_png(image).numpy())
+        path.write_bytes(encode_pngs(image.numpy()[None])[0])
         paths.append(path)
     return paths
 

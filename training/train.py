@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import calibration, data, evaluate, export, mnist
+from training import calibration, data, evaluate, export, mnist, samples
 from training.config import Config, add_flags, from_args
 from training.model import build_model, float32_copy, resolve_precision
 
@@ -299,7 +299,7 @@ def run(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     temperature, calibrated = calibrate(model, cfg)
     log("stage 3/4: staging the SavedModel and evaluating it on the test set, fed PNG bytes")
     images, labels = evaluate.load_test_arrays(cfg)
-    staged = export.stage(model, cfg.export_dir, evaluate.encode_pngs(images[:8]), temperature=temperature)
+    staged = export.stage(model, cfg.export_dir, samples.encode_pngs(images[:8]), temperature=temperature)
     try:
         test, probabilities = evaluate.evaluate_export(staged, images, labels)
         if calibrated:  # the export's probabilities are calibrated; undo T for the figures before
