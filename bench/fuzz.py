@@ -8,7 +8,8 @@ with batching on (serving/batching.config) for the first half of the time and of
 server each (`--batching on|off|both`). hypothesis generates the cases (seeded by `--seed`; bulky random bytes
 come from a `random.Random` it seeds), the three families in turn, 30 cases at a time, sent by
 `--concurrency` threads:
-- rest: valid JSON bodies of :predict (both signatures, row and columnar) mutated (wrong types, deep nesting,
+- rest: valid JSON bodies of :predict (both signatures, row and columnar) and of :classify (with and without a
+  context) mutated (wrong types, deep nesting,
   huge integers, NaN, lone surrogates, bad base64, wrong shapes, missing and extra keys, broken encodings),
   random bytes as a body, API paths mutated (model names, versions, labels, verbs), other methods, odd
   headers (Content-Length, Transfer-Encoding, Expect, long and many headers, HTTP versions), and raw
@@ -16,8 +17,9 @@ come from a `random.Random` it seeds), the three families in turn, 30 cases at a
   when the server keeps it open: that one must be answered 200.
 - grpc: generated requests of every PredictionService and ModelService method (TensorProtos of any dtype,
   shapes that disagree with the values, random string_val, versions and labels, odd model and input
-  names, output filters), valid requests with flipped bits, random bytes as the serialized request, other
-  messages' bytes, unknown methods, and raw bytes on the gRPC port.
+  names, output filters; tf.Examples for Classify and MultiInference, in a context or not, with the image in
+  the right feature, another one or none), valid requests with flipped bits, random bytes as the serialized
+  request, other messages' bytes, unknown methods, and raw bytes on the gRPC port.
 - image: MNIST digits encoded by Pillow (PNG in eight modes, JPEG, GIF, BMP, WebP, and TIFF, ICO, PPM, TGA)
   with bits flipped, bytes set to boundary values, truncated, spliced, chunks duplicated or inflated, size
   fields in the headers changed; sent in Predict over both protocols, alone and in batches, with valid
@@ -91,6 +93,7 @@ from bench.serving import ServerProcess, machine, version_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "mnist"
+FEATURE = "image/encoded"  # the tf.Example feature of the classification signature
 FAMILIES = ("rest", "grpc", "image")
 SERVER_FLAGS = ("--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=-1")  # the Makefile's
 METRICS_PATH = "/monitoring/prometheus/metrics"  # as in serving/monitoring.config
@@ -565,6 +568,9 @@ def _digits_from_grpc(data: bytes) -> tuple[list[int] | None, list[list[float]] 
 
 def _digits_from_json(body: bytes) -> tuple[list[int], list[list[float]] | None]:
     answer = json.loads(body)
+    if "results" in answer:  # :classify, [[label, score] x 10] per example
+        scores = [[score for _, score in row] for row in answer["results"]]
+        return [int(max(row, key=lambda pair: pair[1])[0]) for row in answer["results"]], scores
     if "predictions" in answer:
         rows = answer["predictions"]
         if rows and isinstance(rows[0], dict):
@@ -718,6 +724,17 @@ def json_template(draw, rng: random.Random, material: Material) -> tuple[object,
     return body, n, name
 
 
+def classify_template(draw, rng: random.Random, material: Material) -> tuple[object, int, str]:
+    """A valid :classify body, the number of images it holds, and its name."""
+    n = draw(st.sampled_from([1, 1, 2, 3, 8]))
+    images = [_b64(material.controls[rng.randrange(len(material.controls))]) for _ in range(n)]
+    name = draw(st.sampled_from(["classify", "classify-context"]))
+    if name == "classify":
+        return {"signature_name": "classification", "examples": [{FEATURE: {"b64": b}} for b in images]}, n, name
+    return {"signature_name": "classification", "context": {FEATURE: {"b64": images[0]}},
+            "examples": [{}] + [{FEATURE: {"b64": b}} for b in images[1:]]}, n, name
+
+
 def _nodes(value, path=()) -> list[tuple]:
     found = [path]
     if isinstance(value, dict):
@@ -860,6 +877,9 @@ def rest_case(data, rng: random.Random, material: Material) -> Case:
     predict = f"/v1/models/{MODEL_NAME}:predict"
     if kind == "json":
         body, images, name = json_template(draw, rng, material)
+        if draw(st.integers(0, 3)) == 0:  # a quarter of the bodies go to :classify
+            body, images, name = classify_template(draw, rng, material)
+            predict = f"/v1/models/{MODEL_NAME}:classify"
         notes = [name]
         mutations = draw(st.sampled_from([0, 1, 1, 1, 2, 3]))
         for _ in range(mutations):
@@ -1169,20 +1189,43 @@ def grpc_message(draw, rng: random.Random, material: Material, method: str):
         request.metadata_field.extend(fields)
         note += f", fields {fields}"
     elif cls in (classification_pb2.ClassificationRequest, regression_pb2.RegressionRequest):
-        for _ in range(draw(st.integers(0, 3))):
-            example = request.input.example_list.examples.add()
-            example.features.feature["image_bytes"].bytes_list.value.append(rng.choice(material.controls))
+        if draw(st.booleans()):
+            request.model_spec.signature_name = "classification"
+        note += "; " + _examples(draw, rng, material, request.input)
     elif cls is inference_pb2.MultiInferenceRequest:
         for _ in range(draw(st.integers(0, 2))):
             task = request.tasks.add()
             model_spec(draw, task.model_spec)
-            task.method_name = draw(st.sampled_from(["tensorflow/serving/classify", "x", ""]))
+            if draw(st.booleans()):
+                task.model_spec.signature_name = "classification"
+            task.method_name = draw(st.sampled_from(["tensorflow/serving/classify", "tensorflow/serving/regress", "x",
+                                                     ""]))
+        note += "; " + _examples(draw, rng, material, request.input)
     elif cls is model_management_pb2.ReloadConfigRequest:
         for _ in range(draw(st.integers(0, 2))):
             config = request.config.model_config_list.config.add()
             config.name = draw(st.text(max_size=10))
             config.base_path = draw(st.sampled_from(["/", "/tmp", "/etc/passwd", ""]))
     return request, note, None
+
+
+def _examples(draw, rng: random.Random, material: Material, request_input) -> str:
+    """tf.Examples for Classify and MultiInference: images (control digits or mutated files) in the feature the
+    classification signature reads or another, mostly one per example, sometimes in a context."""
+    with_context = draw(st.integers(0, 3)) == 0
+    listed = request_input.example_list_with_context if with_context else request_input.example_list
+    feature = draw(st.sampled_from([FEATURE] * 4 + ["image_bytes", ""]))
+    count = draw(st.sampled_from([0, 1, 1, 2, 3, 8]))
+    for _ in range(count):
+        values = listed.examples.add().features.feature[feature]
+        image = rng.choice(material.controls) if rng.random() < 0.7 else mutate_image(rng, material)[0]
+        if draw(st.integers(0, 9)) == 0:
+            values.int64_list.value.append(7)
+        else:
+            values.bytes_list.value.extend([image] * draw(st.sampled_from([1, 1, 1, 0, 2])))
+    if with_context:
+        listed.context.features.feature[feature].bytes_list.value.append(rng.choice(material.controls))
+    return f"{count} examples, feature {feature!r}{' with a context' if with_context else ''}"
 
 
 def grpc_case(data, rng: random.Random, material: Material) -> Case:

@@ -7,9 +7,11 @@
     with GrpcClient("localhost:8500") as c:          # official tensorflow-serving-api stubs
         ...                                           # same calls, same answers
 
-Images are sent as the raw bytes of their files; the model decodes them in its graph. Every call has a
-deadline (`timeout`, seconds). Everything that goes wrong on the way, from a refused connection to the
-server rejecting an image, is raised as `ServingError`.
+Images are sent as the raw bytes of their files; the model decodes them in its graph. `api="predict"` (the
+default) calls Predict on `serving_default`; `api="classify"` calls TF Serving's Classify on the export's
+`classification` signature, with each image in a tf.Example (feature `image/encoded`): the same answers, for
+clients that speak the classification API. Every call has a deadline (`timeout`, seconds). Everything that
+goes wrong on the way, from a refused connection to the server rejecting an image, is raised as `ServingError`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from typing import Any, Self
 
 DEFAULT_MODEL = "mnist"
 DEFAULT_SIGNATURE = "serving_default"
+CLASSIFY_SIGNATURE = "classification"
+APIS = ("predict", "classify")
+DEFAULT_SIGNATURES = {"predict": DEFAULT_SIGNATURE, "classify": CLASSIFY_SIGNATURE}
+IMAGE_FEATURE = "image/encoded"  # the tf.Example feature the classification signature reads
 DEFAULT_REST_SERVER = "localhost:8501"
 DEFAULT_GRPC_SERVER = "localhost:8500"
 DEFAULT_TIMEOUT = 10.0
@@ -105,17 +111,21 @@ class RestClient:
         self,
         server: str = DEFAULT_REST_SERVER,
         model: str = DEFAULT_MODEL,
-        signature: str = DEFAULT_SIGNATURE,
+        signature: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        api: str = "predict",
     ):
         self.host, self.port = split_host_port(server, 8501)
-        self.model, self.signature, self.timeout = model, signature, timeout
+        self.model, self.api, self.timeout = model, _check_api(api), timeout
+        self.signature = signature or DEFAULT_SIGNATURES[api]
         self._conn: http.client.HTTPConnection | None = None
 
     def predict(self, images: Sequence[bytes]) -> list[Prediction]:
         """One request for all `images` (raw bytes of encoded image files); answers in the same order."""
         if not images:
             return []
+        if self.api == "classify":
+            return self._classify(images)
         body = {
             "signature_name": self.signature,
             "instances": [{INPUT_KEY: {"b64": base64.b64encode(image).decode("ascii")}} for image in images],
@@ -124,6 +134,19 @@ class RestClient:
         try:
             predictions = [_prediction(row["digit"], row["probability"], row["probabilities"])
                            for row in answer["predictions"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ServingError("INTERNAL", f"unexpected answer from the server: {e!r}") from None
+        _check_count(predictions, images)
+        return predictions
+
+    def _classify(self, images: Sequence[bytes]) -> list[Prediction]:
+        body = {
+            "signature_name": self.signature,
+            "examples": [{IMAGE_FEATURE: {"b64": base64.b64encode(image).decode("ascii")}} for image in images],
+        }
+        answer = self._call("POST", f"/v1/models/{self.model}:classify", json.dumps(body).encode())
+        try:
+            predictions = [_classified(classes) for classes in answer["results"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ServingError("INTERNAL", f"unexpected answer from the server: {e!r}") from None
         _check_count(predictions, images)
@@ -220,13 +243,15 @@ class GrpcClient:
         self,
         server: str = DEFAULT_GRPC_SERVER,
         model: str = DEFAULT_MODEL,
-        signature: str = DEFAULT_SIGNATURE,
+        signature: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        api: str = "predict",
     ):
         # make_ndarray comes with the stubs' TensorFlow anyway and reads every encoding of a tensor.
         import grpc
         from tensorflow import make_ndarray
         from tensorflow_serving.apis import (
+            classification_pb2,
             get_model_status_pb2,
             model_service_pb2_grpc,
             predict_pb2,
@@ -235,20 +260,25 @@ class GrpcClient:
 
         host, port = split_host_port(server, 8500)
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.model, self.signature, self.timeout = model, signature, timeout
+        self.model, self.api, self.timeout = model, _check_api(api), timeout
+        self.signature = signature or DEFAULT_SIGNATURES[api]
         self._grpc, self._predict_pb2, self._status_pb2 = grpc, predict_pb2, get_model_status_pb2
+        self._classification_pb2 = classification_pb2
         self._make_ndarray = make_ndarray
         self._channel = grpc.insecure_channel(self.target, options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ])
-        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel).Predict
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._predict, self._classify_rpc = stub.Predict, stub.Classify
         self._get_status = model_service_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus
 
     def predict(self, images: Sequence[bytes]) -> list[Prediction]:
         """One request for all `images` (raw bytes of encoded image files); answers in the same order."""
         if not images:
             return []
+        if self.api == "classify":
+            return self._classify(images)
         request = self._predict_pb2.PredictRequest()
         request.model_spec.name = self.model
         request.model_spec.signature_name = self.signature
@@ -264,6 +294,21 @@ class GrpcClient:
             digits, probability, probabilities = (self._make_ndarray(response.outputs[key]) for key in keys)
             predictions = [_prediction(d, p, ps) for d, p, ps in zip(digits, probability, probabilities, strict=True)]
         except (TypeError, ValueError) as e:
+            raise ServingError("INTERNAL", f"unexpected answer from the server: {e!r}") from None
+        _check_count(predictions, images)
+        return predictions
+
+    def _classify(self, images: Sequence[bytes]) -> list[Prediction]:
+        request = self._classification_pb2.ClassificationRequest()
+        request.model_spec.name = self.model
+        request.model_spec.signature_name = self.signature
+        for image in images:
+            request.input.example_list.examples.add().features.feature[IMAGE_FEATURE].bytes_list.value.append(image)
+        response = self._rpc(self._classify_rpc, request)
+        try:
+            predictions = [_classified((c.label, c.score) for c in classifications.classes)
+                           for classifications in response.result.classifications]
+        except ValueError as e:
             raise ServingError("INTERNAL", f"unexpected answer from the server: {e!r}") from None
         _check_count(predictions, images)
         return predictions
@@ -303,6 +348,24 @@ def _prediction(digit, probability, probabilities) -> Prediction:
     if len(probabilities) != 10:
         raise ValueError(f"{len(probabilities)} probabilities, expected 10")
     return Prediction(int(digit), float(probability), probabilities)
+
+
+def _classified(classes) -> Prediction:
+    """A Prediction from one image's (label, score) pairs, labels "0".."9" in any order."""
+    scores = {}
+    for label, score in classes:
+        scores[int(label)] = float(score)
+    if sorted(scores) != list(range(10)):
+        raise ValueError(f"classes {sorted(scores)}, expected 0..9")
+    probabilities = tuple(scores[digit] for digit in range(10))
+    digit = max(range(10), key=probabilities.__getitem__)  # the first of equal scores, as argmax picks
+    return Prediction(digit, probabilities[digit], probabilities)
+
+
+def _check_api(api: str) -> str:
+    if api not in APIS:
+        raise ValueError(f"unknown api {api!r}: expected one of {', '.join(APIS)}")
+    return api
 
 
 def _check_count(predictions: list[Prediction], images: Sequence[bytes]) -> None:

@@ -1,9 +1,10 @@
 """Ask the MNIST model which digit each image shows.
 
-    python client/predict.py seven.png more/ [--protocol grpc] [--server host:port] [--json]
+    python client/predict.py seven.png more/ [--protocol grpc] [--api classify] [--server host:port] [--json]
 
 prints `seven.png: 7 (probability 0.9981)` for each image; a directory stands for the image files in it
 (.png, .jpg, .jpeg, .gif, .bmp), sorted by name. Files are sent as they are, the model decodes them.
+`--api classify` asks TF Serving's Classify (the export's `classification` signature) instead of Predict.
 
 Exit status: 0 every image answered; 1 some image could not be read, is not an image or was rejected by
 the server (the others are still answered); 2 bad usage; 3 the server could not be reached or did not
@@ -26,8 +27,9 @@ if not __package__:  # `python client/predict.py` puts client/ itself, not the r
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client.mnist_client import (
+    APIS,
     DEFAULT_MODEL,
-    DEFAULT_SIGNATURE,
+    DEFAULT_SIGNATURES,
     DEFAULT_TIMEOUT,
     MAX_MESSAGE_BYTES,
     GrpcClient,
@@ -128,11 +130,12 @@ def wait_until_available(client: RestClient | GrpcClient, seconds: float) -> Non
         time.sleep(0.25)
 
 
-def make_client(protocol: str, server: str, model: str, signature: str, timeout: float) -> RestClient | GrpcClient:
+def make_client(protocol: str, server: str, model: str, signature: str | None, timeout: float,
+                api: str = "predict") -> RestClient | GrpcClient:
     if protocol == "grpc":
         with _native_stderr_silenced():
-            return GrpcClient(server, model, signature, timeout)
-    return RestClient(server, model, signature, timeout)
+            return GrpcClient(server, model, signature, timeout, api)
+    return RestClient(server, model, signature, timeout, api)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -146,7 +149,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest", help="default: rest")
     parser.add_argument("--server", help="host:port; default localhost:8501 for rest, localhost:8500 for grpc")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
-    parser.add_argument("--signature", default=DEFAULT_SIGNATURE, help=f"default: {DEFAULT_SIGNATURE}")
+    parser.add_argument("--api", choices=APIS, default="predict",
+                        help="TF Serving API to call: predict, or classify with each image in a tf.Example "
+                             "(default: predict)")
+    parser.add_argument("--signature", help="default: " + ", ".join(f"{signature} for {api}"
+                                                                    for api, signature in DEFAULT_SIGNATURES.items()))
     parser.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT,
                         help=f"seconds to wait for each request (default: {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--batch-size", type=_positive(int), default=32, help="images per request (default: 32)")
@@ -166,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     results = []
     try:
-        client = make_client(args.protocol, args.server, args.model, args.signature, args.timeout)
+        client = make_client(args.protocol, args.server, args.model, args.signature, args.timeout, args.api)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -182,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {args.protocol} server {args.server}: {e}", file=sys.stderr)
             return EXIT_UNREACHABLE if e.no_answer else EXIT_SERVER_ERROR
     if args.json:
-        json.dump({"model": args.model, "server": args.server, "protocol": args.protocol, "results": results},
+        json.dump({"model": args.model, "server": args.server, "protocol": args.protocol, "api": args.api,
+                   "results": results},
                   sys.stdout, indent=2)
         print()
         for result in results:

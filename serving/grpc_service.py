@@ -12,8 +12,10 @@ import inspect
 import grpc
 from google.protobuf import message_factory
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     model_pb2,
     model_service_pb2,
     model_service_pb2_grpc,
@@ -22,6 +24,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving import classify
 from serving.access_log import AccessLog, note
 from serving.errors import ServingError, parse_request, reject_malformed
 from serving.health import ModelHealth, add_health_service
@@ -44,6 +47,16 @@ async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None
     await context.abort(error.code, error.message)
 
 
+def _refuse(context: grpc.aio.ServicerContext, error: ServingError, response):
+    """Sets the status instead of raising it with context.abort, for the calls that carry images: the
+    AbortError grpc.aio keeps on the call's state leads, through its traceback, to the handler's frame, the
+    context and the request (RPCState -> AbortError -> frames -> RPCState), a cycle only the collector frees
+    (docs/soak.md). With a status that is not OK, grpc.aio sends the status and not the (empty) response."""
+    context.set_code(error.code)
+    context.set_details(error.message)
+    return response
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
@@ -51,24 +64,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Predict(self, request: predict_pb2.PredictRequest,
                       context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         try:
-            result = await self._predict(request)
+            return self._response(await self._predict(request))
         except ServingError as e:
-            code, message = e.code, e.message
-        else:
-            return self._response(result)
-        # The status is set, not raised with context.abort: the AbortError grpc.aio keeps on the call's state
-        # leads, through its traceback, to this frame, the context and the request (RPCState -> AbortError ->
-        # frames -> RPCState), a cycle only the collector frees (docs/soak.md). With a status that is not OK,
-        # grpc.aio sends the status and no message.
-        context.set_code(code)
-        context.set_details(message)
-        return predict_pb2.PredictResponse()
+            return _refuse(context, e, predict_pb2.PredictResponse())
 
     async def _predict(self, request: predict_pb2.PredictRequest) -> PredictResult:
         version, label = version_and_label(request.model_spec)
         inputs = {name: array_from_proto(proto, name) for name, proto in request.inputs.items()}
         return await self.predictor.predict_async(request.model_spec.name, version, label,
-                                                  request.model_spec.signature_name, inputs,
+                                                  request.model_spec.signature_name, lambda servable, signature: inputs,
                                                   list(request.output_filter))
 
     @staticmethod
@@ -101,16 +105,41 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.metadata[SIGNATURE_DEF_FIELD].Pack(signatures)
         return response
 
-    async def Classify(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "Classify is not implemented: the model has no classify signature")
+    async def Classify(self, request: classification_pb2.ClassificationRequest,
+                       context: grpc.aio.ServicerContext) -> classification_pb2.ClassificationResponse:
+        spec = request.model_spec
+        try:
+            result = await self.predictor.predict_async(
+                spec.name, *version_and_label(spec), spec.signature_name,
+                lambda servable, signature: classify.classification_inputs(servable, signature, request.input),
+                method=classify.CLASSIFY)
+            response = classification_pb2.ClassificationResponse(
+                result=classify.classification_result(result.outputs, classify.example_count(request.input)))
+        except ServingError as e:
+            return _refuse(context, e, classification_pb2.ClassificationResponse())
+        response.model_spec.name = result.model_name
+        response.model_spec.version.value = result.version
+        response.model_spec.signature_name = result.signature_name
+        return response
 
     async def Regress(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                             "Regress is not implemented: the model has no regress signature")
 
-    async def MultiInference(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented")
+    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,
+                             context: grpc.aio.ServicerContext) -> inference_pb2.MultiInferenceResponse:
+        """The version is chosen by the first task's model spec, as TF Serving chooses it."""
+        if not request.tasks:
+            return await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                       "MultiInferenceRequest has no tasks: give at least one")
+        spec = request.tasks[0].model_spec
+        try:
+            version, outputs = await self.predictor.infer_async(
+                spec.name, *version_and_label(spec), lambda servable: classify.multi_inference_plan(request, servable),
+                method=classify.MULTI_INFERENCE)
+            return classify.multi_inference_response(request, version, outputs)
+        except ServingError as e:
+            return _refuse(context, e, inference_pb2.MultiInferenceResponse())
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):

@@ -5,8 +5,8 @@ with labels of ours where it has none for what the embedded server is asked to s
 - `:tensorflow:serving:request_count{model_name, version, api, status}`: TF Serving labels it with model_name and
   status; version (the version that answered, "" when none did) and api ("grpc" or "rest") are ours.
 - `:tensorflow:serving:request_latency{model_name, API, entrypoint, status}`, microseconds, TF Serving's labels as
-  its latest releases have them: API "Predict", entrypoint "GRPC" (TF Serving's value; REST requests, which it
-  does not time, are "REST" here), status the request's, as in request_count.
+  its latest releases have them: API "Predict", "Classify" or "MultiInference", entrypoint "GRPC" (TF Serving's
+  value; REST requests, which it does not time, are "REST" here), status the request's, as in request_count.
 - `:tensorflow:serving:runtime_latency{model_name, version, API, runtime}`, microseconds: the time the version
   took to run the request (with batching, its wait for the batch too, as TF Serving's batching session counts
   it); runtime "TF1", TF Serving's name for TensorFlow's own runtime (not TFRT); version is ours.

@@ -117,13 +117,19 @@ class Servable:
         path = self.path / WARMUP_FILE
         if not path.exists():
             return 0
+        from serving.classify import classification_inputs  # which imports this module
+
         count = 0
         for record in tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_RECORDS):
             entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
-            if not entry.HasField("predict_log"):
+            if entry.HasField("predict_log"):
+                request = entry.predict_log.request
+                inputs = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+            elif entry.HasField("classify_log"):
+                request = entry.classify_log.request
+                inputs = classification_inputs(self, request.model_spec.signature_name, request.input)
+            else:
                 continue
-            request = entry.predict_log.request
-            inputs = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
             self.run(request.model_spec.signature_name, inputs)
             count += 1
         return count

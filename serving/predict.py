@@ -72,10 +72,11 @@ class Predictor:
 
     def predict(self, model_name: str, version: int | None, label: str | None, signature_name: str,
                 get_inputs: Callable[[Servable, str], dict[str, np.ndarray]], output_filter: list[str] | None = None,
-                api: str = "grpc") -> PredictResult:
-        """get_inputs(servable, signature_name) builds the input arrays once the servable is known."""
+                api: str = "grpc", method: str = PREDICT) -> PredictResult:
+        """get_inputs(servable, signature_name) builds the input arrays once the servable is known (it may also
+        check the signature, as Classify does). `method` names the call in the metrics: Predict, Classify."""
         signature_name = signature_name or DEFAULT_SIGNATURE
-        with self._serving(model_name, version, label, api, PREDICT) as servable:
+        with self._serving(model_name, version, label, api, method) as servable:
             inputs = get_inputs(servable, signature_name)
             try:
                 batch_size = self._check(servable, signature_name, inputs, output_filter)
@@ -86,28 +87,51 @@ class Predictor:
                     outputs = self.executor.submit(servable.run, signature_name, inputs).result()
                 else:
                     outputs = servable.run(signature_name, inputs)
-                self.metrics.record_runtime(servable.name, servable.version, PREDICT, time.monotonic() - started)
+                self.metrics.record_runtime(servable.name, servable.version, method, time.monotonic() - started)
                 return self._result(servable, signature_name, outputs, output_filter)
             finally:
                 self._ended(inputs)
 
     async def predict_async(self, model_name: str, version: int | None, label: str | None, signature_name: str,
-                            inputs: dict[str, np.ndarray], output_filter: list[str] | None = None,
-                            api: str = "grpc") -> PredictResult:
+                            get_inputs: Callable[[Servable, str], dict[str, np.ndarray]],
+                            output_filter: list[str] | None = None, api: str = "grpc",
+                            method: str = PREDICT) -> PredictResult:
+        """`predict` on an asyncio loop."""
         signature_name = signature_name or DEFAULT_SIGNATURE
-        try:
-            with self._serving(model_name, version, label, api, PREDICT) as servable:
-                batch_size = self._check(servable, signature_name, inputs, output_filter)
-                started = time.monotonic()
-                if self.batcher and batch_size:
-                    outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size)
-                else:
-                    outputs = await asyncio.get_running_loop().run_in_executor(self.executor, servable.run,
-                                                                               signature_name, inputs)
-                self.metrics.record_runtime(servable.name, servable.version, PREDICT, time.monotonic() - started)
-                return self._result(servable, signature_name, outputs, output_filter)
-        finally:
-            self._ended(inputs)
+        with self._serving(model_name, version, label, api, method) as servable:
+            inputs = get_inputs(servable, signature_name)
+            try:
+                outputs = await self._run_async(servable, signature_name, inputs, output_filter, method)
+            finally:
+                self._ended(inputs)
+            return self._result(servable, signature_name, outputs, output_filter)
+
+    async def infer_async(self, model_name: str, version: int | None, label: str | None,
+                          plan: Callable[[Servable], list[tuple[str, dict[str, np.ndarray]]]], api: str = "grpc",
+                          method: str = PREDICT) -> tuple[int, list[dict[str, np.ndarray]]]:
+        """Several signatures of one version on their inputs (MultiInference): plan(servable) checks the request
+        against the servable and returns (signature name, inputs) for each; answers the version and each
+        signature's outputs, in order."""
+        with self._serving(model_name, version, label, api, method) as servable:
+            runs = plan(servable)
+            try:
+                return servable.version, [await self._run_async(servable, signature_name, inputs, None, method)
+                                          for signature_name, inputs in runs]
+            finally:
+                for _, inputs in runs[:1]:  # the tasks share one input
+                    self._ended(inputs)
+
+    async def _run_async(self, servable: Servable, signature_name: str, inputs: dict[str, np.ndarray],
+                         output_filter: list[str] | None, method: str) -> dict[str, np.ndarray]:
+        batch_size = self._check(servable, signature_name, inputs, output_filter)
+        started = time.monotonic()
+        if self.batcher and batch_size:
+            outputs = await self.batcher.run_async(servable, signature_name, inputs, batch_size)
+        else:
+            outputs = await asyncio.get_running_loop().run_in_executor(self.executor, servable.run,
+                                                                       signature_name, inputs)
+        self.metrics.record_runtime(servable.name, servable.version, method, time.monotonic() - started)
+        return outputs
 
     def _ended(self, inputs: dict[str, np.ndarray]) -> None:
         if self.trimmer:

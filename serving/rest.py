@@ -1,10 +1,10 @@
 """TF Serving's REST API (g3doc/api_rest.md) on the standard library's threaded HTTP server.
 
-Routes: GET /v1/models/{name}[/versions/{v}|/labels/{l}][/metadata], POST ...:predict, and the Prometheus
-endpoint when monitoring enables it. Errors are {"error": "..."} with 400 for bad input, 404 for unknown
-models, versions and paths, 405 for a wrong method, 411/413 for a missing or too large body. With the access
-log on (serving/access_log.py), each request to a model's path writes its line (the page, the metrics and
-paths that name no model do not).
+Routes: GET /v1/models/{name}[/versions/{v}|/labels/{l}][/metadata], POST ...:predict and ...:classify
+(serving/classify.py), and the Prometheus endpoint when monitoring enables it. Errors are {"error": "..."} with
+400 for bad input, 404 for unknown models, versions and paths, 405 for a wrong method, 411/413 for a missing or
+too large body, 501 for :regress. With the access log on (serving/access_log.py), each request to a model's
+path writes its line (the page, the metrics and paths that name no model do not).
 """
 
 import json
@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from serving import classify
 from serving.access_log import CLIENT_CLOSED_REQUEST, note, peer
 from serving.errors import ServingError
 from serving.models import Servable
@@ -256,9 +257,11 @@ class RestHandler(BaseHTTPRequestHandler):
             version = int(text)
         if verb:
             self._require("POST")
-            if verb != "predict":
-                raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{verb} is not supported: use predict")
-            return self._predict(name, version, label)
+            if verb == "regress":
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                                   "regress is not supported: the model has no regression signature (use predict or "
+                                   "classify)")
+            return self._predict(name, version, label, verb)
         self._require("GET")
         if match["metadata"]:
             return self._metadata(name, version, label)
@@ -278,7 +281,7 @@ class RestHandler(BaseHTTPRequestHandler):
         self._send_json(200, {"model_spec": {"name": name, "signature_name": "", "version": str(served)},
                               "metadata": {SIGNATURE_DEF_FIELD: signature_defs}})
 
-    def _predict(self, name: str, version: int | None, label: str | None) -> None:
+    def _predict(self, name: str, version: int | None, label: str | None, verb: str) -> None:
         length = self._content_length()
         if length is None:
             return
@@ -292,6 +295,8 @@ class RestHandler(BaseHTTPRequestHandler):
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "JSON Parse error: nested too deeply") from None
         except ValueError as e:  # also malformed UTF-8 and integers longer than Python reads (4,300 digits)
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"JSON Parse error: {e}") from None
+        if verb == "classify":
+            return self._classify(name, version, label, body)
         signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
         if not isinstance(signature_name, str):
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "\"signature_name\" must be a string")
@@ -302,6 +307,15 @@ class RestHandler(BaseHTTPRequestHandler):
 
         result = self.server.predictor.predict(name, version, label, signature_name, get_inputs, api="rest")
         self._send_json(200, outputs_to_json(result.outputs, row_format))
+
+    def _classify(self, name: str, version: int | None, label: str | None, body: Any) -> None:
+        signature_name, request_input = classify.input_from_json(body)
+        result = self.server.predictor.predict(
+            name, version, label, signature_name,
+            lambda servable, signature: classify.classification_inputs(servable, signature, request_input),
+            api="rest", method=classify.CLASSIFY)
+        answer = classify.classification_result(result.outputs, classify.example_count(request_input))
+        self._send_json(200, classify.result_to_json(answer))
 
 
 class _MethodNotAllowed(ServingError):

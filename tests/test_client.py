@@ -90,6 +90,36 @@ def test_rest_and_grpc_give_identical_answers(server, mnist_png_bytes):
         assert a.digit == b.digit and a.probability == pytest.approx(b.probability, abs=1e-5)
 
 
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_the_classify_api_answers_what_predict_answers_with_batching_on(server, protocol, mnist_png_bytes):
+    images = [png for png, _ in mnist_png_bytes]
+    port = server.rest_port if protocol == "rest" else server.grpc_port
+    with make_client(protocol, port) as predictor, make_client(protocol, port, api="classify") as classifier:
+        predicted, classified = predictor.predict(images), classifier.predict(images)
+
+    assert classifier.signature == "classification" and predictor.signature == "serving_default"
+    assert [p.digit for p in classified] == [p.digit for p in predicted]
+    for a, b in zip(classified, predicted, strict=True):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+        assert a.probability == pytest.approx(b.probability, abs=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_classify_against_a_signature_that_cannot_classify_is_the_servers_refusal(server, protocol,
+                                                                                 mnist_png_bytes):
+    port = server.rest_port if protocol == "rest" else server.grpc_port
+    with make_client(protocol, port, api="classify", signature="serving_default") as c, \
+            pytest.raises(ServingError) as caught:
+        c.predict([mnist_png_bytes[0][0]])
+    assert caught.value.code == "INVALID_ARGUMENT"
+    assert "output Tensors" in caught.value.message
+
+
+def test_an_unknown_api_is_refused_before_any_call():
+    with pytest.raises(ValueError, match="regress"):
+        RestClient("localhost:1", api="regress")
+
+
 def test_model_status_reports_available_version(client):
     assert client.model_status() == [ModelVersionStatus(version=1, state="AVAILABLE", error_message="")]
 

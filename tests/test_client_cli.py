@@ -118,6 +118,21 @@ def test_grpc_in_process_matches_rest(server, rest, digits_dir, capsys):
     assert capsys.readouterr().out == by_rest
 
 
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_the_classify_api_prints_what_predict_prints(server, digits_dir, protocol, capsys):
+    port = server.rest_port if protocol == "rest" else server.grpc_port
+    argv = ["--protocol", protocol, "--server", f"127.0.0.1:{port}", "--json", str(digits_dir)]
+    assert predict.main(argv) == predict.EXIT_OK
+    by_predict = json.loads(capsys.readouterr().out)
+    assert predict.main([*argv, "--api", "classify"]) == predict.EXIT_OK
+    by_classify = json.loads(capsys.readouterr().out)
+
+    assert by_classify["api"] == "classify" and by_predict["api"] == "predict"
+    for a, b in zip(by_predict["results"], by_classify["results"], strict=True):
+        assert a["file"] == b["file"] and a["digit"] == b["digit"]
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
+
+
 def test_bad_files_are_named_and_the_others_still_answered(rest, digits_dir, expected, tmp_path, capsys):
     good = sorted(digits_dir.glob("*.png"))[:3]
     text = tmp_path / "notes.png"
@@ -184,7 +199,7 @@ def test_directory_without_images_is_a_usage_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [[], ["--batch-size", "0", "x.png"], ["--timeout", "-1", "x.png"],
-                                  ["--protocol", "http", "x.png"]])
+                                  ["--protocol", "http", "x.png"], ["--api", "regress", "x.png"]])
 def test_bad_usage_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as caught:
         predict.main(argv)

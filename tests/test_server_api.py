@@ -13,7 +13,6 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
-    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
@@ -287,9 +286,6 @@ def test_grpc_oversized_request_is_resource_exhausted(server, stub, digits):
 
 def test_grpc_unimplemented_methods(server, stub):
     with pytest.raises(grpc.RpcError) as error:
-        stub.Classify(classification_pb2.ClassificationRequest(), timeout=10)
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    with pytest.raises(grpc.RpcError) as error:
         model_stub(server).HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(), timeout=10)
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
@@ -442,7 +438,7 @@ def test_rest_strings_nested_deeper_than_any_tensor_are_400_not_500(server, stub
     assert_good_answer(server, stub, digits)
 
 
-@pytest.mark.parametrize("request_line", [b"GET /v1/models/mnist", b"POST /v1/models/mnist:classify",
+@pytest.mark.parametrize("request_line", [b"GET /v1/models/mnist", b"POST /v1/models/mnist:regress",
                                           b"POST /v1/nothing"])
 def test_a_body_the_server_does_not_read_is_never_read_as_the_next_request(server, stub, digits, request_line):
     smuggled = b"GET /v1/models/nosuch HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
+from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
 from tensorflow_serving.apis import prediction_log_pb2
 
 from tests.conftest import tiny_config
@@ -65,7 +67,33 @@ def test_pixel_signature_agrees_with_the_bytes_signature(model_base_path, mnist_
     np.testing.assert_array_equal(by_pixels["digit"], by_bytes["digit"])
 
 
-def test_both_signatures_answer_a_call_of_no_images_with_no_outputs(model_base_path):
+def test_the_classification_signature_scores_what_the_default_signature_answers(model_base_path, mnist_test_arrays):
+    pngs = samples.encode_pngs(mnist_test_arrays[0][:16])
+    signatures = tf.saved_model.load(str(model_base_path / "1")).signatures
+    examples = tf.constant([export.image_example(png).SerializeToString() for png in pngs])
+
+    classified = signatures["classification"](inputs=examples)
+    predicted = signatures["serving_default"](image_bytes=tf.constant(pngs))
+
+    np.testing.assert_allclose(classified["scores"], predicted["probabilities"], atol=1e-6)
+    assert classified["classes"].numpy().tolist() == [[str(d).encode() for d in range(10)]] * 16
+
+
+def test_the_classification_signature_has_tf_servings_classify_method_and_a_valid_fingerprint(model_base_path):
+    version = model_base_path / "1"
+    graph = saved_model_pb2.SavedModel.FromString((version / "saved_model.pb").read_bytes()).meta_graphs[0]
+    methods = {name: signature.method_name for name, signature in graph.signature_def.items()}
+    assert methods["classification"] == "tensorflow/serving/classify"
+    assert methods["serving_default"] == methods["predict_pixels"] == "tensorflow/serving/predict"
+    assert sorted(graph.signature_def["classification"].inputs) == ["inputs"]
+    assert sorted(graph.signature_def["classification"].outputs) == ["classes", "scores"]
+    # The fingerprint hashes saved_model.pb: rewritten with it, it matches a fresh one.
+    fingerprint = fingerprint_pb2.FingerprintDef.FromString((version / "fingerprint.pb").read_bytes())
+    fresh = fingerprint_pb2.FingerprintDef.FromString(fingerprinting.CreateFingerprintDef(str(version)))
+    assert fingerprint.saved_model_checksum == fresh.saved_model_checksum
+
+
+def test_every_signature_answers_a_call_of_no_images_with_no_outputs(model_base_path):
     """What TF Serving runs too: the network alone refuses an empty batch, the exported graph must not."""
     signatures = tf.saved_model.load(str(model_base_path / "1")).signatures
     for name, inputs in [("serving_default", {"image_bytes": tf.constant([], tf.string)}),
@@ -73,15 +101,22 @@ def test_both_signatures_answer_a_call_of_no_images_with_no_outputs(model_base_p
         out = signatures[name](**inputs)
         assert out["digit"].shape == (0,) and out["digit"].dtype == tf.int64, name
         assert out["probability"].shape == (0,) and out["probabilities"].shape == (0, 10), name
+    out = signatures["classification"](inputs=tf.constant([], tf.string))
+    assert out["classes"].shape == (0, 10) and out["scores"].shape == (0, 10)
 
 
-def test_warmup_file_holds_real_predict_requests(model_base_path):
+def test_warmup_file_holds_real_predict_and_classify_requests(model_base_path):
     path = model_base_path / "1" / "assets.extra" / export.WARMUP_FILE
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
-    assert [len(log.predict_log.request.inputs["image_bytes"].string_val) for log in logs] == [1, 8]
+    assert [log.WhichOneof("log_type") for log in logs] == ["predict_log", "predict_log", "classify_log"]
+    assert [len(log.predict_log.request.inputs["image_bytes"].string_val) for log in logs[:2]] == [1, 8]
     request = logs[1].predict_log.request
     assert request.model_spec.name == "mnist" and request.model_spec.signature_name == "serving_default"
     assert all(b.startswith(b"\x89PNG") for b in request.inputs["image_bytes"].string_val)
+    classify = logs[2].classify_log.request
+    assert classify.model_spec.signature_name == "classification"
+    assert [example.features.feature["image/encoded"].bytes_list.value[0] for example in
+            classify.input.example_list.examples] == list(request.inputs["image_bytes"].string_val)
 
 
 def test_saved_model_cli_lists_the_signatures(model_base_path):
@@ -91,7 +126,8 @@ def test_saved_model_cli_lists_the_signatures(model_base_path):
     for line in ("signature_def['serving_default']", "inputs['image_bytes'] tensor_info", "dtype: DT_STRING",
                  "outputs['digit'] tensor_info", "outputs['probability'] tensor_info",
                  "outputs['probabilities'] tensor_info", "signature_def['predict_pixels']",
-                 "shape: (-1, 28, 28, 1)"):
+                 "shape: (-1, 28, 28, 1)", "signature_def['classification']", "inputs['inputs'] tensor_info",
+                 "outputs['classes'] tensor_info", "Method name is: tensorflow/serving/classify"):
         assert line in shown
 
 

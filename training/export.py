@@ -5,9 +5,13 @@ The SavedModel carries two signatures:
 - `serving_default`: `image_bytes` (string [None], encoded image files) -> `digit` (int64 [None]),
   `probability` (float32 [None]), `probabilities` (float32 [None, 10]); decoding runs in the graph
   (`training.preprocessing`), so TF Serving needs nothing else;
-- `predict_pixels`: `pixels` (float32 [None, 28, 28, 1] in [0, 1], white on black) -> the same outputs.
+- `predict_pixels`: `pixels` (float32 [None, 28, 28, 1] in [0, 1], white on black) -> the same outputs;
+- `classification` (method `tensorflow/serving/classify`, for TF Serving's Classify, MultiInference and REST
+  `:classify`): `inputs` (string [None], serialized tf.Example with the image file's bytes in the feature
+  `image/encoded`) -> `classes` (string [None, 10], "0".."9") and `scores` (float32 [None, 10]), the layout
+  TF Serving's classifier requires (tensorflow_serving/servables/tensorflow/classifier.cc).
 
-A call of no images answers outputs of no rows in both.
+A call of no images answers outputs of no rows in all three.
 
 Beside it, `assets.extra/` holds TF Serving's warmup file (real PredictRequests it replays on load),
 `metrics.json` and `model_card.md`, so a model's figures and limits travel with it. The version is written
@@ -32,6 +36,10 @@ from training.calibration import scale_probabilities
 from training.model import NUM_CLASSES
 from training.preprocessing import IMAGE_SIZE, decode_batch
 
+CLASSIFY_SIGNATURE = "classification"
+CLASSIFY_METHOD = "tensorflow/serving/classify"  # signature_constants.CLASSIFY_METHOD_NAME
+IMAGE_FEATURE = "image/encoded"  # the tf.Example feature holding the image file, as TFRecord datasets name it
+CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))
 WARMUP_FILE = "tf_serving_warmup_requests"
 METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "model_card.md"
@@ -59,9 +67,16 @@ def next_version(base_path: str | Path) -> int:
     return max(versions(base_path), default=0) + 1
 
 
+def image_example(image: bytes) -> tf.train.Example:
+    """What the classification signature reads: one image file's bytes in the feature `image/encoded`."""
+    return tf.train.Example(features=tf.train.Features(feature={
+        IMAGE_FEATURE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image]))}))
+
+
 def write_warmup(export_path: Path, model_name: str, images: list[bytes]) -> None:
-    """TF Serving replays these PredictRequests when it loads the version, before it serves traffic."""
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    """TF Serving replays these requests when it loads the version, before it serves traffic: Predict with one
+    image and with a batch, and Classify with a batch, so that no signature is traced on a user's request."""
+    from tensorflow_serving.apis import classification_pb2, model_pb2, predict_pb2, prediction_log_pb2
 
     assets = export_path / "assets.extra"
     assets.mkdir(parents=True, exist_ok=True)
@@ -72,6 +87,11 @@ def write_warmup(export_path: Path, model_name: str, images: list[bytes]) -> Non
             request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
+        classify = classification_pb2.ClassificationRequest(
+            model_spec=model_pb2.ModelSpec(name=model_name, signature_name=CLASSIFY_SIGNATURE))
+        classify.input.example_list.examples.extend(image_example(image) for image in images)
+        log = prediction_log_pb2.PredictionLog(classify_log=prediction_log_pb2.ClassifyLog(request=classify))
+        writer.write(log.SerializeToString())
 
 
 def build_archive(model: keras.Model, temperature: float = 1.0) -> keras.export.ExportArchive:
@@ -91,12 +111,35 @@ def build_archive(model: keras.Model, temperature: float = 1.0) -> keras.export.
     def from_bytes(image_bytes):
         return from_pixels(decode_batch(image_bytes))
 
+    def from_examples(inputs):
+        features = tf.io.parse_example(inputs, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
+        scores = from_bytes(features[IMAGE_FEATURE])["probabilities"]
+        classes = tf.tile(tf.constant([CLASS_LABELS]), [tf.shape(scores)[0], 1])
+        return {"classes": classes, "scores": scores}
+
     archive.add_endpoint("serving_default", from_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("predict_pixels", from_pixels,
                          input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32,
                                                         name="pixels")])
+    archive.add_endpoint(CLASSIFY_SIGNATURE, from_examples,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
     return archive
+
+
+def set_method_names(path: Path, methods: dict[str, str]) -> None:
+    """Keras exports every signature with the predict method; TF Serving's Classify wants its own. Rewrites
+    saved_model.pb with the given signatures' method names, and fingerprint.pb, which hashes it."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
+    graph_file = path / "saved_model.pb"
+    saved_model = saved_model_pb2.SavedModel.FromString(graph_file.read_bytes())
+    for meta_graph in saved_model.meta_graphs:
+        for name, method in methods.items():
+            meta_graph.signature_def[name].method_name = method
+    graph_file.write_bytes(saved_model.SerializeToString(deterministic=True))
+    (path / "fingerprint.pb").write_bytes(fingerprinting.CreateFingerprintDef(str(path)))
 
 
 def stage(model: keras.Model, base_path: str | Path, warmup_images: list[bytes], model_name: str = "mnist",
@@ -108,6 +151,7 @@ def stage(model: keras.Model, base_path: str | Path, warmup_images: list[bytes],
     staged = base / f".tmp-export-{uuid.uuid4().hex}"
     try:
         build_archive(model, temperature).write_out(str(staged), verbose=False)
+        set_method_names(staged, {CLASSIFY_SIGNATURE: CLASSIFY_METHOD})
         write_warmup(staged, model_name, warmup_images)
         check_export(staged, warmup_images)
     except BaseException:
@@ -140,8 +184,13 @@ def export_model(model: keras.Model, base_path: str | Path, warmup_images: list[
 
 
 def check_export(path: Path, images: list[bytes]) -> None:
-    """Loads the SavedModel back and runs its default signature once: a broken export never gets a version."""
-    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
-    out = signature(image_bytes=tf.constant(images))
+    """Loads the SavedModel back and runs its default and classification signatures once: a broken export never
+    gets a version, nor one whose two signatures disagree."""
+    signatures = tf.saved_model.load(str(path)).signatures
+    out = signatures["serving_default"](image_bytes=tf.constant(images))
     if out["probabilities"].shape != (len(images), 10):
         raise RuntimeError(f"exported signature returned probabilities of shape {out['probabilities'].shape}")
+    examples = tf.constant([image_example(image).SerializeToString() for image in images])
+    scores = signatures[CLASSIFY_SIGNATURE](inputs=examples)["scores"]
+    if scores.shape != out["probabilities"].shape or float(tf.reduce_max(tf.abs(scores - out["probabilities"]))) > 1e-5:
+        raise RuntimeError("the classification signature's scores differ from serving_default's probabilities")
