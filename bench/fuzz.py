@@ -1202,10 +1202,22 @@ def grpc_message(draw, rng: random.Random, material: Material, method: str):
                                                      ""]))
         note += "; " + _examples(draw, rng, material, request.input)
     elif cls is model_management_pb2.ReloadConfigRequest:
-        for _ in range(draw(st.integers(0, 2))):
-            config = request.config.model_config_list.config.add()
-            config.name = draw(st.text(max_size=10))
-            config.base_path = draw(st.sampled_from(["/", "/tmp", "/etc/passwd", ""]))
+        # Only configs the server must refuse, or an empty one (no action): a config it accepts would change the
+        # models under test, and the control digits would no longer be answered by the model they came from.
+        if draw(st.integers(0, 4)):
+            entries = request.config.model_config_list.config
+            for _ in range(draw(st.integers(1, 3))):
+                entries.add(name=draw(st.sampled_from([MODEL_NAME, ""]) | st.text(max_size=10)),
+                            base_path=draw(st.sampled_from(["/", "/tmp", "/etc/passwd", "", "models/mnist"])))
+            flaw = draw(st.sampled_from(["duplicate", "platform", "no base path", "label"]))
+            bad = entries.add(name=entries[0].name if flaw == "duplicate" else MODEL_NAME + "-new", base_path="/tmp")
+            if flaw == "platform":
+                bad.model_platform = draw(st.sampled_from(["pytorch", "tensorflow ", "TENSORFLOW"]))
+            elif flaw == "no base path":
+                bad.base_path = ""
+            elif flaw == "label":
+                bad.version_labels["stable"] = draw(st.integers(-(2**63), 2**63 - 1))
+            note += f", a config with a {flaw}"
     return request, note, None
 
 
@@ -1233,6 +1245,9 @@ def grpc_case(data, rng: random.Random, material: Material) -> Case:
     kind = draw(st.sampled_from(["proto"] * 12 + ["bytes"] * 3 + ["mutated"] * 2 + ["other-message", "unknown-method",
                                                                                    "tcp"]))
     method = draw(st.sampled_from([PREDICTION + "Predict"] * 6 + list(GRPC_METHODS)))
+    if kind in ("bytes", "other-message") and method.endswith("/HandleReloadConfigRequest"):
+        # bytes that parse as a config of no models would be obeyed: every model unloaded, as TF Serving does
+        method = PREDICTION + "Predict"
     short = method.rsplit("/", 1)[1]
     if kind == "proto":
         request, note, images = grpc_message(draw, rng, material, method)

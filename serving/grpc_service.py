@@ -8,6 +8,7 @@ on (serving/access_log.py), every call of these two services writes its line; th
 
 import asyncio
 import inspect
+import logging
 
 import grpc
 from google.protobuf import message_factory
@@ -16,6 +17,7 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
+    model_management_pb2,
     model_pb2,
     model_service_pb2,
     model_service_pb2_grpc,
@@ -32,6 +34,8 @@ from serving.models import ModelManager
 from serving.predict import Predictor, PredictResult
 from serving.status import SIGNATURE_DEF_FIELD, model_metadata, model_status
 from serving.tensors import array_from_proto, fill_proto
+
+log = logging.getLogger(__name__)
 
 
 def version_and_label(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
@@ -153,9 +157,16 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         except ServingError as e:
             return await _abort(context, e)
 
-    async def HandleReloadConfigRequest(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "HandleReloadConfigRequest is not implemented: restart the server with the new config")
+    async def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest,
+                                        context: grpc.aio.ServicerContext) -> model_management_pb2.ReloadConfigResponse:
+        """The models of request.config served from now on (ModelManager.reload), on a thread of the loop's
+        default executor: new models load while requests go on being served."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.manager.reload, request.config)
+        except ServingError as e:
+            log.error("ReloadConfig failed: %s", e.message)
+            return await _abort(context, e)
+        return model_management_pb2.ReloadConfigResponse()  # its status: OK
 
 
 def _guarded(name: str, behaviour, access_log: AccessLog):

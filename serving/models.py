@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
-from tensorflow_serving.config import file_system_storage_path_source_pb2
+from tensorflow_serving.config import file_system_storage_path_source_pb2, model_server_config_pb2
 
 from serving.errors import ServingError, status_code_from_int
 from serving.tensors import check_input_names
@@ -177,6 +177,32 @@ class _Failure:
     retrying: bool = False
 
 
+def check_model_config(entries: list) -> None:
+    """What TF Serving refuses in a ModelConfigList before it loads anything (ServerCore's
+    ValidateModelConfigList and the platforms it has): raises ServingError INVALID_ARGUMENT."""
+    names = set()
+    for entry in entries:
+        if entry.name in names:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Illegal to list model {entry.name} multiple times in config list")
+        names.add(entry.name)
+        if not entry.base_path:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Expected model {entry.name} to have an absolute "
+                                                                 "path or URI; got base_path()=")
+        if entry.model_platform not in ("", "tensorflow"):
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Model {entry.name} requests unsupported platform {entry.model_platform}")
+
+
+def _last_error(model: "Model") -> str:
+    statuses = model.statuses()
+    failed = [status for status in statuses if status.error_message]
+    if failed:
+        return failed[-1].error_message
+    return "no version found under its base path" if not statuses else f"version {statuses[-1].version} " \
+        f"{statuses[-1].state}"
+
+
 def _without_paths(message: str, *paths: Path) -> str:
     """A load error as clients see it (GetModelStatus): the server's filesystem paths replaced by what they
     are, the log keeps them."""
@@ -229,6 +255,21 @@ class Model:
             for version in missing:
                 self._load(version, on_disk[version])
         for version in sorted(set(self._servables) - wanted):
+            self._unload(version)
+
+    def reconfigure(self, base_path: Path, policy: VersionPolicy, labels: dict[str, int]) -> None:
+        """A config reload's new base path, version policy and labels: the next poll applies them."""
+        with self._lock:
+            self.base_path, self.policy, self.labels = base_path, policy, labels
+
+    def available(self, version: int | None = None) -> bool:
+        """Whether this version (any version, for None) serves now."""
+        with self._lock:
+            return bool(self._servables) if version is None else version in self._servables
+
+    def unload_all(self) -> None:
+        """Every version unloaded, each once the requests running on it have ended (a model a reload removed)."""
+        for version in sorted(self._servables):
             self._unload(version)
 
     def _set_status(self, version: int, state: str, code: int = 0, message: str = "") -> None:
@@ -296,36 +337,118 @@ class Model:
 
 
 class ModelManager:
+    """The models a server serves, polled for versions on disk, and replaced as a whole by a config reload
+    (HandleReloadConfigRequest, or the config file changing under --model_config_file_poll_wait_seconds)."""
+
     def __init__(self, models: list[Model], poll_wait_seconds: float = 1.0, max_load_retries: int = 5,
-                 load_retry_interval_seconds: float = 60.0) -> None:
-        self.models = {model.name: model for model in models}
+                 load_retry_interval_seconds: float = 60.0,
+                 resolve_path: Callable[[str], Path] = Path) -> None:
+        self.max_load_retries, self.load_retry_interval_seconds = max_load_retries, load_retry_interval_seconds
+        self.resolve_path = resolve_path  # a config's base_path -> the directory (serving/server.py's rule)
         for model in models:
-            model.max_load_retries, model.load_retry_interval_seconds = max_load_retries, load_retry_interval_seconds
+            self._retry_as_configured(model)
+        self.models = {model.name: model for model in models}  # replaced whole, never changed in place
         self.poll_wait_seconds = poll_wait_seconds
+        self._config_lock = threading.Lock()  # one poll or reload at a time
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+
+    def _retry_as_configured(self, model: Model) -> None:
+        model.max_load_retries, model.load_retry_interval_seconds = (self.max_load_retries,
+                                                                     self.load_retry_interval_seconds)
 
     def poll_all(self) -> None:
-        for model in self.models.values():
-            try:
-                model.poll()
-            except Exception:  # a disappearing directory mid-scan and the like: try again next poll
-                log.exception("Polling model %s failed", model.name)
+        with self._config_lock:
+            for model in self.models.values():
+                try:
+                    model.poll()
+                except Exception:  # a disappearing directory mid-scan and the like: try again next poll
+                    log.exception("Polling model %s failed", model.name)
 
     def start(self) -> None:
         self.poll_all()
         if self.poll_wait_seconds > 0:
-            self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
-            self._thread.start()
+            self._every(self.poll_wait_seconds, self.poll_all, "model-poller")
 
-    def _poll_loop(self) -> None:
-        while not self._stop.wait(self.poll_wait_seconds):
-            self.poll_all()
+    def watch_config(self, read: Callable[[], "model_server_config_pb2.ModelServerConfig"], seconds: float) -> None:
+        """Reads the config every `seconds` and reloads it when it has changed (tensorflow_model_server's
+        --model_config_file_poll_wait_seconds); a config that cannot be read or applied is logged and the
+        models stay as they are."""
+        last = [read()]
+
+        def check() -> None:
+            try:
+                config = read()
+                if config != last[0]:
+                    log.info("Model config changed: reloading")
+                    last[0] = config
+                    self.reload(config)
+                    log.info("Reloaded the model config: serving %s", ", ".join(self.models) or "no model")
+            except (ValueError, OSError, ServingError) as e:
+                log.error("Reloading the model config failed: %s", e)
+        self._every(seconds, check, "config-poller")
+
+    def _every(self, seconds: float, action: Callable[[], None], name: str) -> None:
+        def loop() -> None:
+            while not self._stop.wait(seconds):
+                action()
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=60)
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def reload(self, config: "model_server_config_pb2.ModelServerConfig") -> None:
+        """Serves the models of `config` from now on, as TF Serving's ServerCore::ReloadConfig does: models
+        added are loaded and awaited, models removed are unloaded once their requests in flight have ended, the
+        others keep their loaded versions and take their new base path, version policy and labels at once (a
+        poll follows). Raises ServingError with TF Serving's status and message; a config it refuses changes
+        nothing (TF Serving may keep part of one it refuses for its labels)."""
+        kind = config.WhichOneof("config")
+        if kind is None:
+            log.info("Taking no action for empty config.")
+            return
+        if kind != "model_config_list":
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "Cannot transition to requested config. It is "
+                               "only legal to transition from one ModelConfigList to another.")
+        entries = list(config.model_config_list.config)
+        check_model_config(entries)
+        with self._config_lock:
+            current = self.models
+            for entry in entries:
+                for version in sorted(entry.version_labels.values()):
+                    model = current.get(entry.name)
+                    if model is None or not model.available(version):
+                        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                           f"Request to assign label to version {version} of model {entry.name}, "
+                                           "which is not currently available for inference")
+            models, added = {}, []
+            for entry in entries:
+                base_path, labels = self.resolve_path(entry.base_path), dict(entry.version_labels)
+                model = current.get(entry.name)
+                if model is None:
+                    model = Model(entry.name, base_path, entry.model_version_policy, labels)
+                    self._retry_as_configured(model)
+                    added.append(model)
+                    log.info("Adding model %s: base path %s", model.name, base_path)
+                else:
+                    model.reconfigure(base_path, entry.model_version_policy, labels)
+                models[entry.name] = model
+            self.models = models  # requests see the new set of models from here on
+            for name, model in current.items():
+                if name not in models:
+                    log.info("Removing model %s", name)
+                    model.unload_all()
+            for model in models.values():
+                model.poll()
+        missing = [model for model in added if not model.available()]
+        if missing:
+            details = ", ".join(f"{{{model.name}: {_last_error(model)}}}" for model in missing)
+            raise ServingError(grpc.StatusCode.UNKNOWN, f"{len(missing)} model(s) did not become available: "
+                                                        f"{{{details}}}")
 
     def model(self, name: str) -> Model:
         if name not in self.models:

@@ -28,6 +28,11 @@ Differences, all deliberate:
   RESOURCE_EXHAUSTED, larger REST bodies 413, before anything is allocated for them.
 - `--rest_api_timeout_in_ms` bounds each socket read of a REST connection (a stalled client frees its thread).
 - `--file_system_poll_wait_seconds=0` loads the versions once at start and never polls again.
+- HandleReloadConfigRequest and `--model_config_file_poll_wait_seconds` (serving/models.py, ModelManager.reload):
+  a config refused for a label on a version that is not serving changes nothing (tensorflow_model_server keeps
+  the new config without loading its models); the file is applied only when it has changed (tensorflow_model_
+  server reloads it every time, to the same effect); GetModelStatus for a removed model is NOT_FOUND
+  (tensorflow_model_server still lists its versions as END).
 - `--max_num_load_retries` (5) and `--load_retry_interval_micros` (60 s), as tensorflow_model_server's: a
   version that fails to load is tried again on later polls, that many times that far apart (tensorflow_model_
   server retries inside the load); a version that changes on disk starts afresh. Load errors shown to clients
@@ -64,12 +69,13 @@ import tensorflow as tf
 from serving import configs
 from serving.access_log import AccessLog
 from serving.batching import Batcher, BatchingOptions
+from serving.errors import ServingError
 from serving.grpc_service import add_services
 from serving.health import ModelHealth
 from serving.limits import DEFAULT_MAX_IMAGES, RequestLimits
 from serving.memory import DEFAULT_ARENAS, Trimmer, limit_arenas
 from serving.metrics import Metrics
-from serving.models import Model, ModelManager
+from serving.models import Model, ModelManager, check_model_config
 from serving.predict import Predictor
 from serving.rest import MAX_BODY_BYTES, RestServer
 from serving.static import DEFAULT_STATIC_DIR
@@ -103,6 +109,10 @@ class ServerOptions:
     model_config_file: str = field(default="", metadata={"help": (
         "A ModelServerConfig text proto: the models to serve, their version policies and labels. A base_path in "
         "it that does not exist is also looked up relative to the current directory, without its leading /.")})
+    model_config_file_poll_wait_seconds: float = field(default=0.0, metadata={"help": (
+        "Seconds between reads of --model_config_file: when it has changed, its models are served from then on, "
+        "as after a HandleReloadConfigRequest (added ones loaded, removed ones unloaded once their requests "
+        "end); 0 reads it once, at start. Only with --model_config_file.")})
     enable_batching: bool = field(default=False, metadata={"help": (
         "Batch concurrent requests to a model together.")})
     batching_parameters_file: str = field(default="", metadata={"help": (
@@ -145,6 +155,7 @@ class ServerOptions:
 # What 0 means for the flags that refuse a negative value.
 NOT_NEGATIVE = {
     "file_system_poll_wait_seconds": "0 looks for versions once, at start",
+    "model_config_file_poll_wait_seconds": "0 reads the config once, at start",
     "max_num_load_retries": "0 tries a load once",
     "tensorflow_intra_op_parallelism": "0 lets TensorFlow choose; TensorFlow aborts on a negative one",
     "grace_period_seconds": "0 stops at once",
@@ -165,6 +176,8 @@ def option_errors(options: ServerOptions) -> list[str]:
         errors.append("give --model_base_path (with --model_name) or --model_config_file")
     if options.batching_parameters_file and not options.enable_batching:
         errors.append("--batching_parameters_file is set without --enable_batching")
+    if options.model_config_file_poll_wait_seconds > 0 and not options.model_config_file:
+        errors.append("--model_config_file_poll_wait_seconds is set without --model_config_file")
     if options.port > 0 and options.port == options.rest_api_port:
         errors.append(f"--port and --rest_api_port are both {options.port}: REST needs a port of its own")
     if not 0 <= options.port <= 65535:
@@ -189,25 +202,30 @@ def _resolve_base_path(base_path: str) -> Path:
     return path
 
 
+def read_model_config(options: ServerOptions) -> configs.ModelServerConfig:
+    """--model_config_file as the server applies it: --model_base_path, if given too, replaces the base_path of
+    the entry named --model_name (or of the only entry). ValueError if it cannot be read or served."""
+    config = configs.read_text_proto(options.model_config_file, configs.ModelServerConfig)
+    entries = config.model_config_list.config
+    if not entries:
+        raise ValueError(f"{options.model_config_file}: no model_config_list entries")
+    for entry in entries:
+        if options.model_base_path and (entry.name == options.model_name or len(entries) == 1):
+            entry.base_path = options.model_base_path
+    try:
+        check_model_config(list(entries))
+    except ServingError as e:
+        raise ValueError(f"{options.model_config_file}: {e.message}") from None
+    return config
+
+
 def build_models(options: ServerOptions) -> list[Model]:
     if not options.model_config_file:
         if not options.model_base_path:
             raise ValueError("Give --model_base_path (with --model_name) or --model_config_file")
         return [Model(options.model_name, _resolve_base_path(options.model_base_path))]
-    config = configs.read_text_proto(options.model_config_file, configs.ModelServerConfig)
-    entries = list(config.model_config_list.config)
-    if not entries:
-        raise ValueError(f"{options.model_config_file}: no model_config_list entries")
-    models = []
-    for entry in entries:
-        base_path = entry.base_path
-        if options.model_base_path and (entry.name == options.model_name or len(entries) == 1):
-            base_path = options.model_base_path
-        if entry.model_platform not in ("", "tensorflow"):
-            raise ValueError(f"Model {entry.name}: platform {entry.model_platform!r} is not supported")
-        models.append(Model(entry.name, _resolve_base_path(base_path), entry.model_version_policy,
-                            dict(entry.version_labels)))
-    return models
+    return [Model(entry.name, _resolve_base_path(entry.base_path), entry.model_version_policy,
+                  dict(entry.version_labels)) for entry in read_model_config(options).model_config_list.config]
 
 
 def _metrics_path(options: ServerOptions) -> str | None:
@@ -330,9 +348,13 @@ def start_server(options: ServerOptions) -> RunningServer:
     for model in models:
         log.info("Model %s: base path %s", model.name, model.base_path)
     manager = ModelManager(models, options.file_system_poll_wait_seconds, options.max_num_load_retries,
-                           options.load_retry_interval_micros / 1e6)
+                           options.load_retry_interval_micros / 1e6, _resolve_base_path)
     manager.start()
     log.info("Models loaded; polling every %s s", options.file_system_poll_wait_seconds or "never (disabled)")
+    if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
+        manager.watch_config(lambda: read_model_config(options), options.model_config_file_poll_wait_seconds)
+        log.info("Reading %s every %g s for changes", options.model_config_file,
+                 options.model_config_file_poll_wait_seconds)
 
     # Where a call the batcher does not take runs (every call without batching): threads that live as long as
     # the server, never a REST connection's own (TensorFlow keeps state for each thread that ever ran it).

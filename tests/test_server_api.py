@@ -15,7 +15,6 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
-    model_management_pb2,
     predict_pb2,
 )
 
@@ -282,12 +281,6 @@ def test_grpc_oversized_request_is_resource_exhausted(server, stub, digits):
         stub.Predict(predict_request([b"\0" * (17 * 1024 * 1024)]), timeout=60)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert_good_answer(server, stub, digits)
-
-
-def test_grpc_unimplemented_methods(server, stub):
-    with pytest.raises(grpc.RpcError) as error:
-        model_stub(server).HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(), timeout=10)
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 @pytest.mark.parametrize("path, body, raw, method, status", [

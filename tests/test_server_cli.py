@@ -176,6 +176,10 @@ def options(**flags) -> ServerOptions:
     (dict(rest_api_port=-2), "--rest_api_port=-2 is not a port"),
     (dict(rest_api_port=70000), "--rest_api_port=70000 is not a port"),
     (dict(file_system_poll_wait_seconds=-1.0), "--file_system_poll_wait_seconds=-1.0 is negative"),
+    (dict(model_config_file_poll_wait_seconds=5.0),
+     "--model_config_file_poll_wait_seconds is set without --model_config_file"),
+    (dict(model_config_file="serving/models.config", model_config_file_poll_wait_seconds=-1.0),
+     "--model_config_file_poll_wait_seconds=-1.0 is negative"),
     (dict(max_num_load_retries=-1), "--max_num_load_retries=-1 is negative"),
     (dict(tensorflow_intra_op_parallelism=-1), "--tensorflow_intra_op_parallelism=-1 is negative"),
     (dict(grace_period_seconds=-0.5), "--grace_period_seconds=-0.5 is negative"),
@@ -192,6 +196,8 @@ def test_what_the_makefile_bench_and_tests_pass_is_accepted():
     assert option_errors(options()) == []
     assert option_errors(options(model_base_path="", model_config_file="serving/models.config")) == []
     assert option_errors(options(model_config_file="serving/models.config")) == []  # --model_base_path replaces
+    assert option_errors(options(model_config_file="serving/models.config", model_config_file_poll_wait_seconds=60)) \
+        == []
     assert option_errors(options(port=0, rest_api_port=0, host="127.0.0.1", file_system_poll_wait_seconds=0,
                                  enable_batching=True, batching_parameters_file="serving/batching.config",
                                  tensorflow_intra_op_parallelism=1, tensorflow_inter_op_parallelism=-1)) == []
