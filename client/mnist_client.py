@@ -7,11 +7,15 @@
     with GrpcClient("localhost:8500") as c:          # official tensorflow-serving-api stubs
         ...                                           # same calls, same answers
 
+    GrpcClient("host:8500", ca="ca.pem")             # TLS, for a server started with --ssl_config_file
+    GrpcClient("host:8500", ca="ca.pem", cert="client.pem", key="client.key")   # ... with client_verify
+
 Images are sent as the raw bytes of their files; the model decodes them in its graph. `api="predict"` (the
 default) calls Predict on `serving_default`; `api="classify"` calls TF Serving's Classify on the export's
 `classification` signature, with each image in a tf.Example (feature `image/encoded`): the same answers, for
 clients that speak the classification API. Every call has a deadline (`timeout`, seconds). Everything that
-goes wrong on the way, from a refused connection to the server rejecting an image, is raised as `ServingError`.
+goes wrong on the way, from a refused connection or a failed TLS handshake to the server rejecting an image, is
+raised as `ServingError`. TLS is gRPC's only, as in TF Serving, whose REST API has none.
 """
 
 from __future__ import annotations
@@ -237,6 +241,11 @@ class GrpcClient:
 
     Importing the official stubs loads TensorFlow (they are built on its protos), so they are imported here,
     when the first GrpcClient is made, and the REST path never pays for it.
+
+    TLS, for a server started with `--ssl_config_file`: `tls=True` checks the server's certificate against
+    grpc's default roots, `ca` (a PEM file) against the CAs in it instead; `cert` and `key` (PEM files, the key
+    unencrypted) are the client certificate a server with `client_verify` asks for. Any of the three implies
+    TLS. A file that cannot be read or is not what it should be raises ValueError naming it, before any call.
     """
 
     def __init__(
@@ -246,6 +255,11 @@ class GrpcClient:
         signature: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         api: str = "predict",
+        *,
+        tls: bool = False,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
     ):
         # make_ndarray comes with the stubs' TensorFlow anyway and reads every encoding of a tensor.
         import grpc
@@ -265,10 +279,13 @@ class GrpcClient:
         self._grpc, self._predict_pb2, self._status_pb2 = grpc, predict_pb2, get_model_status_pb2
         self._classification_pb2 = classification_pb2
         self._make_ndarray = make_ndarray
-        self._channel = grpc.insecure_channel(self.target, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ])
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        self.tls = tls or any(path is not None for path in (ca, cert, key))
+        if self.tls:
+            self._channel = grpc.secure_channel(self.target, _channel_credentials(ca, cert, key), options)
+        else:
+            self._channel = grpc.insecure_channel(self.target, options)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._predict, self._classify_rpc = stub.Predict, stub.Classify
         self._get_status = model_service_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus
@@ -339,8 +356,74 @@ class GrpcClient:
             if code == self._grpc.StatusCode.DEADLINE_EXCEEDED:
                 message = f"no answer from {self.target} within {self.timeout} s ({message})"
             elif code == self._grpc.StatusCode.UNAVAILABLE:
-                message = f"cannot reach {self.target}: {message}"
+                hint = _connection_hint(message, self.tls, self.target)
+                message = f"cannot reach {self.target}: " + (f"{hint} (grpc: {message})" if hint else message)
             raise ServingError(code.name, message) from None
+
+
+def _read_pem(path: str, what: str, marker: str) -> bytes:
+    """The file's bytes; ValueError naming it when it cannot be read or holds no PEM block of that kind."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} file {path}: {e.strerror or e}") from None
+    if marker.encode() not in data:
+        raise ValueError(f"{path} is not a PEM {what} file (no '{marker}' in it)")
+    return data
+
+
+def _channel_credentials(ca: str | None, cert: str | None, key: str | None):
+    """grpc's TLS credentials from PEM files, checked first with the standard library's ssl: grpc reads them only
+    when it connects, and then says no more than "Failed to create security handshaker"."""
+    import ssl
+
+    import grpc
+
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate and its private key go together: give both cert and key, or neither")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    root_certificates = None
+    if ca is not None:
+        root_certificates = _read_pem(ca, "CA certificates", "-----BEGIN CERTIFICATE-----")
+        try:
+            context.load_verify_locations(cadata=root_certificates.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{ca}: cannot read its CA certificates ({e})") from None
+    private_key = certificate_chain = None
+    if cert is not None and key is not None:
+        certificate_chain = _read_pem(cert, "certificate", "-----BEGIN CERTIFICATE-----")
+        private_key = _read_pem(key, "private key", "PRIVATE KEY-----")
+
+        def encrypted() -> bytes:  # called by ssl only for an encrypted key, which grpc cannot read
+            raise ValueError(f"{key} is an encrypted private key: grpc needs it unencrypted")
+
+        try:
+            context.load_cert_chain(cert, key, password=encrypted)
+        except ssl.SSLError as e:
+            if e.reason == "KEY_VALUES_MISMATCH":
+                raise ValueError(f"{key} is not the private key of {cert}") from None
+            raise ValueError(f"{cert} and {key}: not a PEM certificate and its private key ({e})") from None
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def _connection_hint(details: str, tls: bool, target: str) -> str:
+    """What grpc's message about a failed connection means, in words, when it is about TLS; else ""."""
+    if not tls:
+        if "Socket closed" in details:
+            return ("the server closed the connection: if its port serves TLS (tensorflow_model_server "
+                    "--ssl_config_file), connect with TLS")
+        return ""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return "TLS handshake failed: the server's certificate is not signed by a CA this client trusts"
+    if "Hostname Verification" in details:
+        return f"TLS handshake failed: the server's certificate is not issued for {target.rpartition(':')[0]}"
+    if "WRONG_VERSION_NUMBER" in details:
+        return "TLS handshake failed: the server does not speak TLS on this port"
+    if "Socket closed" in details or "Connection reset" in details:
+        return ("the server closed the connection after the TLS handshake: it may require a client certificate "
+                "(cert and key) signed by a CA it trusts")
+    return ""
 
 
 def _prediction(digit, probability, probabilities) -> Prediction:

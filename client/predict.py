@@ -5,6 +5,8 @@
 prints `seven.png: 7 (probability 0.9981)` for each image; a directory stands for the image files in it
 (.png, .jpg, .jpeg, .gif, .bmp), sorted by name. Files are sent as they are, the model decodes them.
 `--api classify` asks TF Serving's Classify (the export's `classification` signature) instead of Predict.
+`--tls` (or `--ca FILE`, with `--cert FILE --key FILE` for a server that verifies clients) speaks gRPC over TLS to
+a server started with `--ssl_config_file`; TF Serving's REST API has no TLS, so these go with `--protocol grpc`.
 
 Exit status: 0 every image answered; 1 some image could not be read, is not an image or was rejected by
 the server (the others are still answered); 2 bad usage; 3 the server could not be reached or did not
@@ -39,6 +41,8 @@ from client.mnist_client import (
 )
 
 EXIT_OK, EXIT_IMAGE_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_SERVER_ERROR = 0, 1, 2, 3, 4
+REST_HAS_NO_TLS = ("TLS is for --protocol grpc only: TF Serving's REST API has no TLS (put a TLS-terminating "
+                   "proxy in front of it)")
 DEFAULT_PORTS = {"rest": 8501, "grpc": 8500}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
@@ -131,10 +135,14 @@ def wait_until_available(client: RestClient | GrpcClient, seconds: float) -> Non
 
 
 def make_client(protocol: str, server: str, model: str, signature: str | None, timeout: float,
-                api: str = "predict") -> RestClient | GrpcClient:
+                api: str = "predict", *, tls: bool = False, ca: str | None = None, cert: str | None = None,
+                key: str | None = None) -> RestClient | GrpcClient:
+    """The client for protocol; tls, ca, cert and key are GrpcClient's (ValueError for REST, which has no TLS)."""
     if protocol == "grpc":
         with _native_stderr_silenced():
-            return GrpcClient(server, model, signature, timeout, api)
+            return GrpcClient(server, model, signature, timeout, api, tls=tls, ca=ca, cert=cert, key=key)
+    if tls or ca or cert or key:
+        raise ValueError(REST_HAS_NO_TLS)
     return RestClient(server, model, signature, timeout, api)
 
 
@@ -160,7 +168,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON document with all results")
     parser.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                         help="wait up to SECONDS for the server to have a version AVAILABLE (default: 0)")
+    tls = parser.add_argument_group(
+        "TLS", "gRPC only, for a server started with --ssl_config_file (TF Serving's REST API has no TLS)")
+    tls.add_argument("--tls", action="store_true",
+                     help="gRPC over TLS, the server's certificate checked against grpc's default roots or --ca")
+    tls.add_argument("--ca", metavar="FILE", help="PEM file of the CA certificates the server's certificate is "
+                                                  "checked against (implies --tls)")
+    tls.add_argument("--cert", metavar="FILE", help="PEM file of this client's certificate, for a server that "
+                                                    "verifies clients (client_verify); with --key (implies --tls)")
+    tls.add_argument("--key", metavar="FILE", help="PEM file of --cert's private key, unencrypted")
     args = parser.parse_args(argv)
+    given = [flag for flag in ("tls", "ca", "cert", "key") if getattr(args, flag)]
+    if given and args.protocol != "grpc":
+        parser.error(f"{', '.join('--' + flag for flag in given)}: {REST_HAS_NO_TLS}")
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together: the client's certificate and its private key")
+    args.tls = bool(given)
     args.server = args.server or f"localhost:{DEFAULT_PORTS[args.protocol]}"
     return args
 
@@ -172,8 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no image files in " + ", ".join(args.paths), file=sys.stderr)
         return EXIT_USAGE
     results = []
+    # grpc logs a failed TLS handshake itself, at INFO, before the error below says the same in words; its errors
+    # still show. grpc reads the setting when it loads, so a caller that has loaded it already keeps its own; a
+    # GRPC_VERBOSITY the user set wins.
+    if "grpc" not in sys.modules:
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
-        client = make_client(args.protocol, args.server, args.model, args.signature, args.timeout, args.api)
+        client = make_client(args.protocol, args.server, args.model, args.signature, args.timeout, args.api,
+                             tls=args.tls, ca=args.ca, cert=args.cert, key=args.key)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,8 +1,9 @@
-"""TF Serving's text-format config files: ModelServerConfig, BatchingParameters, MonitoringConfig.
+"""TF Serving's text-format config files: ModelServerConfig, BatchingParameters, MonitoringConfig, SSLConfig.
 
-The tensorflow-serving-api wheel ships ModelServerConfig but not monitoring_config.proto nor
-session_bundle_config.proto, so the two messages we need from those are rebuilt here from the upstream
-definitions (same package, names and field numbers) in a private descriptor pool.
+The tensorflow-serving-api wheel ships ModelServerConfig but not monitoring_config.proto,
+session_bundle_config.proto nor ssl_config.proto, so the messages we need from those are rebuilt here from the
+upstream definitions (same package, names and field numbers) in a private descriptor pool: a file written for
+tensorflow_model_server parses the same here.
 """
 
 from pathlib import Path
@@ -24,7 +25,7 @@ def _field(name: str, number: int, ftype: int, type_name: str = "", repeated: bo
     return proto
 
 
-def _build_messages() -> tuple[type[message.Message], type[message.Message]]:
+def _build_messages() -> tuple[type[message.Message], type[message.Message], type[message.Message]]:
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
     monitoring = descriptor_pb2.FileDescriptorProto(
@@ -49,12 +50,24 @@ def _build_messages() -> tuple[type[message.Message], type[message.Message]]:
         _field("pad_variable_length_inputs", 7, _F.TYPE_BOOL),
     ])
     pool.Add(batching)
+
+    # --ssl_config_file: the PEM texts themselves (not paths), as tensorflow_model_server reads them.
+    ssl = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow_serving/config/ssl_config.proto", package="tensorflow.serving", syntax="proto3")
+    ssl.message_type.add(name="SSLConfig").field.extend([
+        _field("server_key", 1, _F.TYPE_STRING),
+        _field("server_cert", 2, _F.TYPE_STRING),
+        _field("custom_ca", 3, _F.TYPE_STRING),
+        _field("client_verify", 4, _F.TYPE_BOOL),
+    ])
+    pool.Add(ssl)
     get = message_factory.GetMessageClass
     return (get(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig")),
-            get(pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")))
+            get(pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")),
+            get(pool.FindMessageTypeByName("tensorflow.serving.SSLConfig")))
 
 
-MonitoringConfig, BatchingParameters = _build_messages()
+MonitoringConfig, BatchingParameters, SSLConfig = _build_messages()
 
 M = TypeVar("M", bound=message.Message)
 

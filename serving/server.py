@@ -47,6 +47,11 @@ Differences, all deliberate:
   `--static_dir=` serves no page.
 - `--access_log_file` (not in tensorflow_model_server): one JSON line for each Predict, metadata and status
   request, gRPC and REST (serving/access_log.py); "-" writes them to stdout; off by default.
+- `--ssl_config_file` (TLS on the gRPC port only, REST stays plain HTTP, as in tensorflow_model_server) is read and
+  checked before anything loads: a file that does not parse, no server_key or server_cert, client_verify without
+  custom_ca, a path where PEM text belongs, or PEM that grpc cannot use (a key that is not the certificate's)
+  stops the server (exit status 1, the file and the problem named). tensorflow_model_server reads it once the
+  models have loaded, aborts on a file that does not parse and leaves the rest to grpc.
 """
 
 import argparse
@@ -127,6 +132,11 @@ class ServerOptions:
     monitoring_config_file: str = field(default="", metadata={"help": (
         "A MonitoringConfig text proto; with prometheus_config enabled the REST port serves Prometheus metrics "
         "at its path.")})
+    ssl_config_file: str = field(default="", metadata={"help": (
+        "An SSLConfig text proto: the gRPC port serves TLS with its server_key and server_cert (PEM text, not "
+        "paths); with client_verify it serves only clients with a certificate signed by its custom_ca. The REST "
+        "port stays plain HTTP, as in tensorflow_model_server: put a TLS-terminating proxy in front of it. "
+        "Empty: no TLS.")})
     rest_api_timeout_in_ms: int = field(default=30000, metadata={"help": (
         "Milliseconds a REST connection may take for each read before it is closed; more than 0.")})
     tensorflow_intra_op_parallelism: int = field(default=0, metadata={"help": (
@@ -235,6 +245,69 @@ def _metrics_path(options: ServerOptions) -> str | None:
     return (prometheus.path or DEFAULT_METRICS_PATH) if prometheus.enable else None
 
 
+@dataclass(frozen=True)
+class GrpcTls:
+    """What --ssl_config_file puts on the gRPC port."""
+
+    credentials: grpc.ServerCredentials
+    client_verify: bool
+
+    def __str__(self) -> str:
+        return "TLS, client certificates required" if self.client_verify else "TLS"
+
+
+def read_ssl_config(path: str, host: str = "127.0.0.1") -> GrpcTls:
+    """--ssl_config_file as tensorflow_model_server applies it: the key and certificate pair, custom_ca as the
+    roots client certificates are verified against, client_verify forcing clients to present one.
+
+    ValueError naming the file and each problem when grpc could not serve TLS with it: read before anything
+    loads, so that a bad file stops the server at once rather than after the models have loaded (where
+    tensorflow_model_server reads it).
+    """
+    def refuse(*problems: str) -> ValueError:
+        return ValueError(f"--ssl_config_file={path}: " + "; ".join(problems))
+
+    try:
+        config = configs.read_text_proto(path, configs.SSLConfig)
+    except OSError as e:
+        raise refuse(f"cannot read it: {e.strerror or e}") from None
+    except ValueError as e:
+        raise refuse(f"not an SSLConfig text proto ({str(e).removeprefix(f'{path}: ')})") from None
+    problems = [f"no {name}: TLS needs the server's private key and certificate"
+                for name in ("server_key", "server_cert") if not getattr(config, name)]
+    if config.client_verify and not config.custom_ca:
+        problems.append("client_verify is true but custom_ca is empty: client certificates are verified against "
+                        "custom_ca, the CA that signs them")
+    # The usual slip: a path where the PEM text itself belongs.
+    problems += [f"{name} is not PEM text (it holds the PEM itself, '-----BEGIN ...', not a file's path)"
+                 for name in ("server_key", "server_cert", "custom_ca")
+                 if getattr(config, name) and "-----BEGIN " not in getattr(config, name)]
+    if problems:
+        raise refuse(*problems)
+    credentials = grpc.ssl_server_credentials(
+        [(config.server_key.encode(), config.server_cert.encode())],
+        root_certificates=config.custom_ca.encode() or None, require_client_auth=config.client_verify)
+    if not _credentials_usable(credentials, host):
+        raise refuse("grpc cannot use its PEM: server_key is not server_cert's key, or a key or certificate in it "
+                     "is damaged (grpc's error log names which)")
+    return GrpcTls(credentials, config.client_verify)
+
+
+def _credentials_usable(credentials: grpc.ServerCredentials, host: str) -> bool:
+    """Whether grpc takes these credentials. It reads the PEM, and checks that the key is the certificate's, only
+    when a port is added with them: so they are tried on a server that is never started, on a free port of the
+    host the real one will bind (a failure there is theirs, not the address's)."""
+    executor = futures.ThreadPoolExecutor(max_workers=1)  # never given work: the probe never starts
+    probe = grpc.server(executor)
+    try:
+        return bool(probe.add_secure_port(f"{host}:0", credentials))
+    except RuntimeError:
+        return False
+    finally:
+        probe.stop(None)
+        executor.shutdown(wait=False)
+
+
 def _set_tf_threads(options: ServerOptions) -> None:
     try:
         if options.tensorflow_intra_op_parallelism:
@@ -263,13 +336,15 @@ def grpc_event_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-async def _start_grpc(predictor: Predictor, address: str) -> tuple[grpc.aio.Server, int, ModelHealth]:
+async def _start_grpc(predictor: Predictor, address: str, credentials: grpc.ServerCredentials | None = None
+                      ) -> tuple[grpc.aio.Server, int, ModelHealth]:
+    """The gRPC server on address, with TLS when credentials are given (read_ssl_config), else plaintext."""
     message_limits = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.aio.server(options=message_limits)
     health = add_services(server, predictor)
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if not port:
@@ -332,6 +407,7 @@ class RunningServer:
 def start_server(options: ServerOptions) -> RunningServer:
     if errors := option_errors(options):
         raise ValueError("; ".join(errors))
+    tls = read_ssl_config(options.ssl_config_file, options.host) if options.ssl_config_file else None
     _set_tf_threads(options)
     models = build_models(options)
     metrics_path = _metrics_path(options)
@@ -362,10 +438,11 @@ def start_server(options: ServerOptions) -> RunningServer:
     limits = RequestLimits(options.max_images_per_request)
     trimmer = Trimmer().start()  # heap that large requests freed, given back once a burst of them is over
     predictor = Predictor(manager, batcher, metrics, executor, limits, trimmer, access_log)
-    started = asyncio.run_coroutine_threadsafe(_start_grpc(predictor, f"{options.host}:{options.port}"),
-                                               grpc_event_loop())
+    started = asyncio.run_coroutine_threadsafe(
+        _start_grpc(predictor, f"{options.host}:{options.port}", tls.credentials if tls else None),
+        grpc_event_loop())
     grpc_server, grpc_port, health = started.result()
-    log.info("Running gRPC ModelServer at %s:%d", options.host, grpc_port)
+    log.info("Running gRPC ModelServer at %s:%d%s", options.host, grpc_port, f" ({tls})" if tls else "")
     rest = None
     if options.rest_api_port >= 0:
         rest = RestServer((options.host, options.rest_api_port), predictor, metrics_path,
