@@ -3,7 +3,8 @@
     python -m bench.serving --model models/mnist --duration 10 --out docs/benchmarks.json
     python -m bench.serving --model models/mnist --smoke          # a second a cell: checks that it all works
 
-1. in process: the `serving_default` signature called directly, one image (p50, p99) and batches;
+1. in process: the `serving_default` signature called directly, one image (p50, p99) and batches; and where its
+   time goes: the image graph alone, the network alone and both, at batch 1, 8 and 64;
 2. the embedded server (a subprocess, batching on, `serving/batching.config`) over gRPC and REST, closed loop
    at each concurrency, single-image requests, answers checked against the in-process answer;
 3. its resident memory (VmRSS of the subprocess) sampled through a long run at the highest concurrency;
@@ -375,6 +376,43 @@ def generator_costs(cells: list[loadgen.Cell]) -> dict:
     return costs
 
 
+SPLIT_BATCHES = (1, 8, 64)
+
+
+def _rate(call: Callable[[], object], batch: int, seconds: float) -> dict:
+    """images/s and microseconds an image of `call` on `batch` images, after three calls to warm it up."""
+    for _ in range(3):
+        call()
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or calls < 3:
+        call()
+        calls += 1
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": calls * batch / elapsed, "us_per_image": elapsed / (calls * batch) * 1e6}
+
+
+def graph_split(version: Path, image: bytes, settings: Settings) -> dict:
+    """Where the time of serving_default goes, in one run (issue 15): for batches of 1, 8 and 64 copies of the
+    image, the image graph alone (training.preprocessing.decode_batch, the code the export puts before the
+    network, run as a tf.function), the network alone (predict_pixels on the pixels the image graph made) and
+    both (serving_default). The image graph is this checkout's: for a model exported by other code, compare
+    "both" with the other two with that in mind."""
+    from training.preprocessing import decode_batch
+
+    signatures = tf.saved_model.load(str(version)).signatures
+    image_graph = tf.function(decode_batch, input_signature=[tf.TensorSpec([None], tf.string)])
+    seconds = settings.duration / (3 * len(SPLIT_BATCHES))
+    split = {}
+    for batch in SPLIT_BATCHES:
+        images = tf.constant([image] * batch)
+        pixels = image_graph(images)
+        calls = {"image_graph": lambda images=images: image_graph(images),
+                 "network": lambda pixels=pixels: signatures["predict_pixels"](pixels=pixels),
+                 "both": lambda images=images: signatures["serving_default"](image_bytes=images)}
+        split[str(batch)] = {name: _rate(call, batch, seconds) for name, call in calls.items()}
+    return split
+
+
 def criteria(results: dict) -> dict:
     grpc_cells: dict[int, dict] = {}
     for cell in results["server"]:  # the first gRPC cell of each concurrency: the Python-client extra comes last
@@ -418,6 +456,8 @@ def run(settings: Settings) -> dict:
     try:
         settings.progress("in-process signature")
         results["in_process"] = expected = in_process(version, image, settings)
+        settings.progress("in process: image graph, network, both")
+        results["graph_split"] = graph_split(version, image, settings)
         settings.progress("starting the embedded server")
         with server or ServerProcess(server_command(base, settings), settings.server_root) as server:
             server.wait_ready()
@@ -454,6 +494,13 @@ def markdown(results: dict) -> str:
              "| in process (`serving_default`) | value |", "| --- | --- |",
              f"| one image, p50 / p99 | {inproc['latency_p50_ms']:.2f} / {inproc['latency_p99_ms']:.2f} ms |"]
     lines += [f"| batch {b} | {rate:,.0f} images/s |" for b, rate in inproc["throughput"].items()]
+    lines += ["", "| in process, batch | image graph alone | network alone (`predict_pixels`) "
+              "| both (`serving_default`) | both / network |", "| --- | --- | --- | --- | --- |"]
+    for batch, cells in results["graph_split"].items():
+        shown = [f"{c['images_per_s']:,.0f} images/s ({c['us_per_image']:,.0f} us an image)"
+                 for c in (cells["image_graph"], cells["network"], cells["both"])]
+        ratio = cells["both"]["images_per_s"] / cells["network"]["images_per_s"]
+        lines.append(f"| {batch} | {' | '.join(shown)} | {ratio:.0%} |")
     lines += ["", "| server | generator | concurrency | requests/s | p50 ms | p99 ms | errors | answers checked "
               "| server CPU ms/request | mean batch | load average |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

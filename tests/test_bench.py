@@ -28,6 +28,18 @@ def test_in_process_figures(results):
     assert 0 <= inproc["digit"] <= 9 and math.isclose(sum(inproc["probabilities"]), 1, abs_tol=1e-3)
 
 
+def test_the_split_times_the_image_graph_the_network_and_both_at_each_batch(results):
+    data, out = results
+    split = data["graph_split"]
+    assert set(split) == {"1", "8", "64"}
+    for cells in split.values():
+        assert set(cells) == {"image_graph", "network", "both"}
+        for cell in cells.values():
+            assert cell["images_per_s"] > 0
+            assert cell["us_per_image"] == pytest.approx(1e6 / cell["images_per_s"])
+    assert "| 64 |" in out.with_suffix(".table.md").read_text()
+
+
 def test_server_cells_cover_both_apis_and_concurrencies_without_errors(results):
     data = results[0]
     cells = data["server"]
