@@ -398,6 +398,31 @@ def test_a_batch_is_normalised_exactly_as_each_of_its_images_alone(mnist_test_ar
     assert (batch[0, :, :, 0] > preprocessing.INK_THRESHOLD).mean(axis=1).max() < 0.6  # its bars were removed
 
 
+def test_a_call_of_same_size_pngs_answers_exactly_what_each_alone_answers(mnist_test_arrays):
+    """decode_batch normalises a call of PNGs of one size together (the fast path) and anything else image by
+    image: the answers must not depend on which, for digits as they come and as people send them."""
+    rng = np.random.default_rng(1)
+    digits = mnist_test_arrays[0][:40, :, :, 0]
+    variants = [
+        lambda d: d, lambda d: 255 - d,  # white on black, black on white
+        lambda d: np.where(np.arange(28)[:, None] % 7 < 2, np.maximum(d, 51), d),  # bars across
+        lambda d: np.clip(d + rng.normal(0, 51, d.shape), 0, 255),  # noise
+        lambda d: d // 3 + 60,  # faint on grey
+        lambda d: np.minimum(255 - d, np.where(np.arange(28)[:, None] % 9 < 1, 170, 255)),  # ruled paper
+    ]
+    grey = [encode(variants[i % len(variants)](d).astype(np.uint8), "PNG") for i, d in enumerate(digits)]
+    rgba = []
+    for d in digits[:12]:  # a dark digit on a transparent canvas, 2x
+        canvas = np.zeros((56, 56, 4), np.uint8)
+        canvas[..., 3] = np.kron(d, np.ones((2, 2), np.uint8))
+        rgba.append(encode(canvas, "PNG", "RGBA"))
+    pages = [encode(_on_page(d), "PNG") for d in digits[:8]]  # 120x120 pages
+    for files in (grey, rgba, pages):
+        together = run(*files)
+        alone = np.concatenate([run(f) for f in files])
+        np.testing.assert_array_equal(together, alone)
+
+
 def test_a_blank_image_in_a_batch_fails_the_batch_with_the_same_message():
     grey = tf.constant(np.zeros((2, 28, 28, 1), np.float32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="no ink found"):

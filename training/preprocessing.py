@@ -38,6 +38,7 @@ import tensorflow as tf
 MAX_SIDE = 4096
 MAX_CALL_PIXELS = 16 * MAX_SIDE * MAX_SIDE  # the pixels all images of one call may declare: 16 of the largest
 WORK_SIDE = 256
+BATCHED_PIXELS = 1 << 21  # the most pixels (after shrinking) decode_batch normalises together: 8 MB a float copy
 IMAGE_SIZE = 28
 DIGIT_BOX = 20  # MNIST's digits were scaled to fit 20x20, then centred by centre of mass in 28x28
 INK_THRESHOLD = 0.1  # of the stretched range: what counts as ink
@@ -178,6 +179,11 @@ def check_headers(image_bytes: tf.Tensor) -> tf.Tensor:
     and all of them within MAX_CALL_PIXELS (a GIF by its logical screen; its frames are bounded image by image).
     Each image bounded on its own did not bound a call: 16 MB holds a thousand 16 KB PNGs that each declare
     4096x4096, about 100 s of decoding. In the graph, so TF Serving refuses as the embedded server does."""
+    return _checked_headers(image_bytes)[0]
+
+
+def _checked_headers(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """check_headers, and the sizes the headers declare."""
     known, height, width = _read_headers(image_bytes)
     known = tf.logical_or(known, tf.equal(tf.strings.length(image_bytes), 0))
     too_large = tf.logical_or(height > MAX_SIDE, width > MAX_SIDE)
@@ -197,7 +203,7 @@ def check_headers(image_bytes: tf.Tensor) -> tf.Tensor:
             tf.debugging.Assert(tf.logical_not(tf.reduce_any(too_large)),
                                 [tf.cond(tf.reduce_any(too_large), side, lambda: tf.constant(""))]),
             tf.debugging.Assert(total <= MAX_CALL_PIXELS, [call])]):
-        return tf.identity(image_bytes)
+        return tf.identity(image_bytes), height, width
 
 
 def check_png_chunks(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -534,6 +540,30 @@ def decode_and_normalize(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
-    """string [N] -> float32 [N, 28, 28, 1]. A few images at a time, so memory stays bounded."""
-    return tf.map_fn(decode_and_normalize, check_headers(image_bytes), parallel_iterations=4,
-                     fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32))
+    """string [N] -> float32 [N, 28, 28, 1].
+
+    PNGs of one size (what a client sends in a batch, and what server-side batching merges) are decoded one at a
+    time and normalised together, as a batch: the same answers to the last bit (normalize_batch's promise),
+    about twice as fast, as the dozens of small steps of the normalisation run once for the batch instead of
+    once an image. Other batches are normalised image by image, a few at a time; so are same-size batches of
+    more than BATCHED_PIXELS pixels after shrinking, to bound memory.
+    """
+    image_bytes, height, width = _checked_headers(image_bytes)
+    count = tf.size(image_bytes, out_type=tf.int64)
+    side = tf.cast(WORK_SIDE, tf.int64)
+    shrunk = tf.reduce_sum(tf.minimum(height, side) * tf.minimum(width, side))
+    same_png = tf.logical_and(
+        tf.reduce_all(tf.equal(tf.strings.substr(image_bytes, 0, 8), b"\x89PNG\r\n\x1a\n")),
+        tf.logical_and(tf.reduce_all(tf.equal(height, height[:1])), tf.reduce_all(tf.equal(width, width[:1]))))
+    together = tf.logical_and(tf.logical_and(count > 1, same_png), shrunk <= BATCHED_PIXELS)
+
+    def batched() -> tf.Tensor:
+        greys = tf.map_fn(lambda data: to_grey(decode_rgba(data)), image_bytes, parallel_iterations=4,
+                          fn_output_signature=tf.TensorSpec([None, None, 1], tf.float32))
+        return normalize_batch(greys)
+
+    def one_by_one() -> tf.Tensor:
+        return tf.map_fn(decode_and_normalize, image_bytes, parallel_iterations=4,
+                         fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32))
+
+    return tf.ensure_shape(tf.cond(together, batched, one_by_one), [None, IMAGE_SIZE, IMAGE_SIZE, 1])
