@@ -9,9 +9,12 @@ flags use, and image and flags are docker-compose.yml's.
 
 from __future__ import annotations
 
+import argparse
 import http.client
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import kubernetes_validate
@@ -21,12 +24,16 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from tools import k8s_configmap
+from training.config import add_flags, from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 # The oldest minor still commonly run and the newest the package ships schemas for.
 KUBERNETES_VERSIONS = ["1.30", "1.37"]
-MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+# The serving stack, which kustomization.yaml applies as one. training-job.yaml is applied on its own (a training
+# run must not start with every `kubectl apply -k k8s/`) and has tests of its own, at the end.
+TRAINING_JOB = "training-job.yaml"
+MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", TRAINING_JOB))
 
 
 def load(name: str) -> list[dict]:
@@ -221,3 +228,128 @@ def test_probe_path_answers_200_only_for_the_served_model(embedded_server, conta
         conn.request("GET", probe_path)
         assert conn.getresponse().status == status, probe_path
         conn.close()
+
+
+# The multi-worker training Job (training-job.yaml): an Indexed Job, a headless Service and the claim of its source.
+
+
+@pytest.fixture(scope="module")
+def training() -> dict[str, dict]:
+    """Kind -> the one resource of that kind in training-job.yaml."""
+    docs = load(TRAINING_JOB)
+    by_kind = {doc["kind"]: doc for doc in docs}
+    assert len(by_kind) == len(docs), "two resources of one kind"
+    return by_kind
+
+
+@pytest.fixture(scope="module")
+def training_pod(training) -> dict:
+    return training["Job"]["spec"]["template"]
+
+
+@pytest.fixture(scope="module")
+def worker(training_pod) -> dict:
+    [container] = training_pod["spec"]["containers"]
+    return container
+
+
+def tf_config_of_pod(worker: dict, index: int) -> dict:
+    """TF_CONFIG as the container's own command builds it in the pod of completion `index` (Kubernetes sets
+    JOB_COMPLETION_INDEX): the command runs here with its args swapped for a Python that prints the variable."""
+    show = [sys.executable, "-c", "import os; print(os.environ['TF_CONFIG'])"]
+    run = subprocess.run([*worker["command"], *show], env={"JOB_COMPLETION_INDEX": str(index)},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def training_config(worker: dict):
+    """The Config the container's args give `python -m training.train` (its own parser: an unknown or misspelt
+    flag fails here as it would in the pod)."""
+    _python, dash_m, module, *flags = worker["args"]
+    assert (dash_m, module) == ("-m", "training.train")
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    return from_args(parser.parse_args(flags))
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_training_job_is_valid_against_the_strict_schema(version):
+    for doc in load(TRAINING_JOB):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_training_job_is_applied_on_its_own(training):
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert TRAINING_JOB not in kustomization["resources"]
+    assert set(training) == {"Job", "Service", "PersistentVolumeClaim"}
+
+
+def test_training_job_runs_one_indexed_pod_per_worker_of_tf_config(training, worker):
+    job = training["Job"]["spec"]
+    assert job["completionMode"] == "Indexed"
+    assert job["parallelism"] == job["completions"] >= 2
+    configs = [tf_config_of_pod(worker, index) for index in range(job["completions"])]
+    workers = configs[0]["cluster"]["worker"]
+    assert len(workers) == job["parallelism"]
+    for index, config in enumerate(configs):
+        assert config == {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+
+
+def test_training_workers_are_the_pods_stable_names_through_the_headless_service(resources, pod, training,
+                                                                                 training_pod, worker):
+    service, job = training["Service"], training["Job"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= training_pod["metadata"]["labels"].items()
+    assert training_pod["spec"]["subdomain"] == service["metadata"]["name"]
+    [port] = service["spec"]["ports"]
+    assert container_port(worker, port["targetPort"]) == port["port"]
+    # An Indexed Job's pods are named <job>-<index>, and <hostname>.<subdomain> resolves in their namespace.
+    expected = [f"{job['metadata']['name']}-{index}.{service['metadata']['name']}:{port['port']}"
+                for index in range(job["spec"]["completions"])]
+    assert tf_config_of_pod(worker, 0)["cluster"]["worker"] == expected
+    # Neither Service picks the other's pods.
+    assert not service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert not resources["Service"]["spec"]["selector"].items() <= training_pod["metadata"]["labels"].items()
+
+
+def test_training_job_exports_into_the_claim_tf_serving_reads(resources, pod, container, training_pod, worker):
+    models = text_format.Parse(resources["ConfigMap"]["data"]["models.config"],
+                               model_server_config_pb2.ModelServerConfig())
+    [model] = models.model_config_list.config
+    serving_volume, _ = mounted_volume(pod, container, model.base_path)
+    volume, mount = mounted_volume(training_pod, worker, model.base_path)
+    assert volume["persistentVolumeClaim"]["claimName"] == serving_volume["persistentVolumeClaim"]["claimName"]
+    assert not mount.get("readOnly") and not volume["persistentVolumeClaim"].get("readOnly")
+    cfg = training_config(worker)
+    assert cfg.strategy == "multi_worker"
+    assert cfg.export_dir == model.base_path
+
+
+def test_training_job_writes_only_to_volumes_and_keeps_its_backup_on_one(training, training_pod, worker):
+    """The root file system is read-only; the chief's backup must outlive a pod for a restarted one to resume."""
+    assert worker["securityContext"]["readOnlyRootFilesystem"] is True
+    assert training_pod["spec"]["restartPolicy"] == "OnFailure"
+    cfg = training_config(worker)
+    volumes = {v["name"]: v for v in training_pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in worker["volumeMounts"]}
+
+    def volume_of(path: str) -> dict:
+        absolute = PurePosixPath(worker["workingDir"], path)
+        [volume] = [v for mount, v in mounts.items() if absolute.is_relative_to(mount)]
+        return volume
+
+    for path in (cfg.run_dir, cfg.reports_dir, cfg.export_dir, cfg.data_dir, worker["args"][0]):
+        volume_of(path)
+    assert "persistentVolumeClaim" in volume_of(cfg.run_dir)
+    claim = volume_of(cfg.run_dir)["persistentVolumeClaim"]["claimName"]
+    assert claim == training["PersistentVolumeClaim"]["metadata"]["name"]
+    # Both workers mount it, maybe from two nodes.
+    assert training["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_training_image_is_pinned_and_its_python_is_the_projects(worker):
+    image, tag = worker["image"].rsplit(":", 1)
+    assert image == "python" and tag[0].isdigit(), "pin a release, not a floating tag"
+    assert tag.startswith(f"{sys.version_info.major}.{sys.version_info.minor}."), \
+        "the virtual environment on the volume is made in this image: keep it the Python the project runs on"

@@ -23,10 +23,26 @@ def split_names(cfg: Config) -> dict[str, str]:
     return {"train": f"train[:{train_end}]", "validation": f"train[{n_train}:]", "test": test}
 
 
-def load_split(cfg: Config, split: str) -> tf.data.Dataset:
-    """(uint8 [28, 28, 1], int64) pairs of one split, in a fixed order."""
-    return tfds.load(NAME, split=split_names(cfg)[split], data_dir=cfg.data_dir, as_supervised=True,
-                     shuffle_files=False, download=False)
+def worker_share(split: str, workers: int = 1, index: int = 0):
+    """The part of a tfds split that worker `index` of `workers` reads in multi-worker training: a contiguous
+    1/workers of it, read by tfds alone (tfds.even_splits), the same number of examples on every worker (the
+    last workers - 1 at most are left out). Equal shares make equal numbers of batches: a worker with one batch
+    more than the others would wait for them in its gradient all-reduce for ever.
+
+    Why this way: tf.data's default auto-sharding, by file, needs a file per worker, and tfds wrote each MNIST
+    split as one file (the same holds for tfds.ReadConfig(input_context=...), which shards by file too); sharding
+    by data (auto_shard_policy DATA) would have every worker read, cache, shuffle and augment every image to
+    keep 1/N of them, when augmentation is most of the CPU time of a step."""
+    if workers == 1:
+        return split
+    return tfds.even_splits(split, n=workers, drop_remainder=True)[index]
+
+
+def load_split(cfg: Config, split: str, workers: int = 1, index: int = 0) -> tf.data.Dataset:
+    """(uint8 [28, 28, 1], int64) pairs of one split, in a fixed order; with `workers`, worker `index`'s share
+    (`worker_share`)."""
+    return tfds.load(NAME, split=worker_share(split_names(cfg)[split], workers, index), data_dir=cfg.data_dir,
+                     as_supervised=True, shuffle_files=False, download=False)
 
 
 def to_unit_float(image: tf.Tensor) -> tf.Tensor:
