@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,23 +33,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.report import emit, free_ports, log
+
 RESULT = "[bench-result] "
 LAYOUTS = {"one": ["0,1"], "two": ["0", "1"]}  # the cores of each process
 
 
-def log(message: str) -> None:
-    print(f"[bench] {message}", flush=True)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def worker(flags: list[str]) -> None:
@@ -148,10 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log(f"{name}: {run['images_per_s']} images/s ({run['training_images_per_s']} in training alone), "
                     f"{run['images_per_cpu_second']} images per CPU-second, load average {run['load_average']}")
                 results["runs"].append(run)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(results, args.out)
     return results
 
 

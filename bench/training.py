@@ -44,7 +44,7 @@ from training import data, mnist, train
 from training.config import Config, add_flags, from_args
 
 
-def log(message: str) -> None:
+def log(message: str) -> None:  # not bench.report's: --baseline runs this file against older checkouts
     print(f"[bench] {message}", flush=True)
 
 

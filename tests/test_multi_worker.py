@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bench.report import free_ports
 from training import export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,17 +32,6 @@ TINY = ["--validation-size", "256", "--test-subset", "32", "--batch-size", "64",
         "--epoch-batch-norm-batches", "2", "--batch-norm-batches", "4", "--no-calibrate", "--verbose", "0"]
 PROCESS_SECONDS = 300  # a worker's whole run, start-up to exit, on a busy 2-core machine is well under this
 
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now: bound once by the OS, then released for the workers to take."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Cluster:
