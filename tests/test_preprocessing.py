@@ -417,10 +417,109 @@ def test_a_call_of_same_size_pngs_answers_exactly_what_each_alone_answers(mnist_
         canvas[..., 3] = np.kron(d, np.ones((2, 2), np.uint8))
         rgba.append(encode(canvas, "PNG", "RGBA"))
     pages = [encode(_on_page(d), "PNG") for d in digits[:8]]  # 120x120 pages
+    bmp = encode(digits[0], "BMP")  # in a call with a BMP, each PNG takes the image-by-image path
     for files in (grey, rgba, pages):
         together = run(*files)
-        alone = np.concatenate([run(f) for f in files])
-        np.testing.assert_array_equal(together, alone)
+        np.testing.assert_array_equal(together, np.concatenate([run(f) for f in files]))
+        np.testing.assert_array_equal(together, np.concatenate([run(f, bmp)[:1] for f in files]))
+
+
+def _reference_fit_and_centre(ink, top, left, height, width):
+    """The crop, resize and centring as the graph did them before issue 15, one image at a time through
+    TensorFlow's resize kernels (ResizeArea, ResizeBilinear) and pad_to_bounding_box."""
+    def one(args):
+        image, top, left, height, width = args
+        crop = image[top:top + height, left:left + width]
+        scale = preprocessing.DIGIT_BOX / tf.cast(tf.maximum(height, width), tf.float32)
+        size = tf.maximum(1, tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32) * scale), tf.int32))
+        digit = tf.cond(scale < 1.0, lambda: tf.image.resize(crop, size, method="area"),
+                        lambda: tf.image.resize(crop, size, method="bilinear"))
+        digit = tf.clip_by_value(digit, 0.0, 1.0)
+        mass = tf.maximum(tf.reduce_sum(digit), 1e-6)
+        centre_y = tf.reduce_sum(digit[:, :, 0] * (tf.range(size[0], dtype=tf.float32)[:, None] + 0.5)) / mass
+        centre_x = tf.reduce_sum(digit[:, :, 0] * (tf.range(size[1], dtype=tf.float32)[None, :] + 0.5)) / mass
+        side = preprocessing.IMAGE_SIZE
+        offset_y = tf.clip_by_value(tf.cast(tf.round(side / 2 + 0.5 - centre_y), tf.int32), 0, side - size[0])
+        offset_x = tf.clip_by_value(tf.cast(tf.round(side / 2 + 0.5 - centre_x), tf.int32), 0, side - size[1])
+        return tf.image.pad_to_bounding_box(digit, offset_y, offset_x, side, side)
+    return tf.map_fn(one, (ink, top, left, height, width),
+                     fn_output_signature=tf.TensorSpec([preprocessing.IMAGE_SIZE] * 2 + [1], tf.float32))
+
+
+def test_the_crop_and_resize_of_a_batch_is_tensorflows_resize_of_each_box():
+    """fit_and_centre resizes every box of a batch with two matrix products: the same pixels as the resize
+    kernels, for boxes shrunk (area) and enlarged (bilinear), square, tall, wide, one pixel, whole image."""
+    rng = np.random.default_rng(3)
+    for height, width in [(28, 28), (56, 56), (120, 120), (256, 200), (13, 40), (7, 5), (256, 31)]:
+        ink = tf.constant(rng.random((24, height, width, 1)).astype(np.float32) ** 3)
+        top, left = rng.integers(0, height, 24), rng.integers(0, width, 24)
+        box_height = np.maximum(1, (rng.random(24) * (height - top)).astype(int))
+        box_width = np.maximum(1, (rng.random(24) * (width - left)).astype(int))
+        top[0], left[0], box_height[0], box_width[0] = 0, 0, height, width
+        top[1], left[1], box_height[1], box_width[1] = height // 2, width // 2, 1, 1
+        boxes = [tf.constant(v, tf.int32) for v in (top, left, box_height, box_width)]
+        np.testing.assert_allclose(preprocessing.fit_and_centre(ink, *boxes),
+                                   _reference_fit_and_centre(ink, *boxes), atol=1e-6)
+
+
+def _varied_files(digits: np.ndarray) -> list[bytes]:
+    """A few hundred files as people send them: sizes from 17x23 to 300x200, five formats, either polarity,
+    transparency, ruled paper, bars, noise, faint pencil, a shadow."""
+    rng = np.random.default_rng(7)
+    rows = np.arange(28)[:, None]
+    variants = [
+        lambda d: d, lambda d: 255 - d, lambda d: np.where(rows % 7 < 2, np.maximum(d, 51), d),
+        lambda d: np.clip(d + rng.normal(0, 40, d.shape), 0, 255), lambda d: d // 3 + 60,
+        lambda d: np.minimum(255 - d, np.where(rows % 9 < 1, 170, 255)),
+    ]
+    files = []
+    for i, d in enumerate(digits):
+        kind = i % 10
+        image = variants[i % len(variants)](d.astype(np.float64)).astype(np.uint8)
+        if kind < 3:
+            files.append(encode(image, ("PNG", "BMP", "WEBP")[kind]))
+        elif kind == 3:
+            files.append(encode(np.kron(image, np.ones((3, 3), np.uint8)), "JPEG"))
+        elif kind == 4:
+            files.append(encode(image, "GIF"))
+        elif kind == 5:  # a dark digit on a transparent canvas
+            canvas = np.zeros((56, 56, 4), np.uint8)
+            canvas[..., 3] = np.kron(d, np.ones((2, 2), np.uint8))
+            files.append(encode(canvas, "PNG", "RGBA"))
+        elif kind == 6:  # on a ruled page
+            page = _on_page(d)
+            page[np.arange(120) % 12 == 0] = 170
+            files.append(encode(page, "PNG"))
+        elif kind == 7:  # tightly cropped, off-size
+            files.append(encode(np.ascontiguousarray(image[3:26, 5:22]), "PNG"))
+        elif kind == 8:  # a large photo-like page, the paper darker to one side
+            page = np.pad(np.kron(255 - d, np.ones((6, 6), np.uint8)).astype(np.float64), ((66, 66), (16, 16)),
+                          constant_values=255)  # 300x200
+            files.append(encode((page * np.linspace(0.6, 1.0, 200)[None, :]).astype(np.uint8), "PNG"))
+        else:
+            files.append(encode(image, "PNG"))
+    return files
+
+
+def test_a_few_hundred_varied_images_get_the_answers_of_the_image_by_image_graph(
+        mnist_test_arrays, model_base_path, monkeypatch):
+    """The batched graph against the graph before issue 15 (each image alone, the crop and resize through
+    TensorFlow's kernels): the same digit, probabilities within 1e-4, on calls as clients and server-side
+    batching make them (same-size PNGs together, anything mixed) and on each file alone."""
+    digits = mnist_test_arrays[0][:300, :, :, 0]
+    files = _varied_files(digits)
+    same_size = [f for f, d in zip(files, range(300)) if d % 10 in (0, 9)]  # 28x28 PNGs
+    new = np.concatenate([run(*files[:50]), run(*same_size), *(run(f) for f in files[50:])])
+    reference_files = files[:50] + same_size + files[50:]
+    monkeypatch.setattr(preprocessing, "fit_and_centre", _reference_fit_and_centre)
+    before = tf.function(lambda f: tf.map_fn(preprocessing.decode_and_normalize, f, fn_output_signature=tf.TensorSpec(
+        [preprocessing.IMAGE_SIZE] * 2 + [1], tf.float32)), input_signature=[tf.TensorSpec([None], tf.string)])
+    old = before(tf.constant(reference_files)).numpy()
+    np.testing.assert_allclose(new, old, atol=1e-5)
+    network = tf.saved_model.load(str(model_base_path / "1")).signatures["predict_pixels"]
+    new_p, old_p = (network(pixels=tf.constant(x))["probabilities"].numpy() for x in (new, old))
+    np.testing.assert_array_equal(new_p.argmax(axis=1), old_p.argmax(axis=1))
+    np.testing.assert_allclose(new_p, old_p, atol=1e-4)
 
 
 def test_a_blank_image_in_a_batch_fails_the_batch_with_the_same_message():

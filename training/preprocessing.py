@@ -38,7 +38,7 @@ import tensorflow as tf
 MAX_SIDE = 4096
 MAX_CALL_PIXELS = 16 * MAX_SIDE * MAX_SIDE  # the pixels all images of one call may declare: 16 of the largest
 WORK_SIDE = 256
-BATCHED_PIXELS = 1 << 21  # the most pixels (after shrinking) decode_batch normalises together: 8 MB a float copy
+BATCHED_PIXELS = 1 << 21  # the most pixels (as declared) decode_batch decodes together: 8 MB of RGBA
 IMAGE_SIZE = 28
 DIGIT_BOX = 20  # MNIST's digits were scaled to fit 20x20, then centred by centre of mass in 28x28
 INK_THRESHOLD = 0.1  # of the stretched range: what counts as ink
@@ -55,6 +55,12 @@ MAX_PNG_CHUNKS = 8192  # libpng writes 8 KB IDAT chunks (2048 in a 16 MB request
 LUMA = (0.299, 0.587, 0.114)
 
 
+# The graph below is written with TensorFlow's own control flow (tf.cond, tf.while_loop, tf.map_fn), so
+# tf.function's AutoGraph has nothing to convert in it; told so, it traces the same graph in less than half the
+# time (every export traces it; docs/benchmarks.md).
+_graph_code = tf.autograph.experimental.do_not_convert
+
+
 def _header(image_bytes: tf.Tensor, n: int = 32) -> tf.Tensor:
     """The first n bytes of each image as int64 [..., n], zero-padded, whatever the length of the input."""
     head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, n), "\0" * n]), 0, n)
@@ -63,12 +69,23 @@ def _header(image_bytes: tf.Tensor, n: int = 32) -> tf.Tensor:
                       tf.concat([tf.shape(image_bytes), [n]], 0))
 
 
-def _uint(b: tf.Tensor, start: int, size: int, big_endian: bool) -> tf.Tensor:
-    order = range(size) if big_endian else reversed(range(size))
-    value = tf.zeros_like(b[..., 0])
-    for i in order:
-        value = value * 256 + b[..., start + i]
-    return value
+# The size fields `_read_headers` reads, (first byte, bytes, big-endian) in the 32-byte header: PNG's IHDR
+# height and width, GIF's logical screen, BMP's, WebP's VP8 (lossy), VP8L (lossless, packed) and VP8X (canvas).
+_FIELDS = {"png_h": (20, 4, True), "png_w": (16, 4, True), "gif_h": (8, 2, False), "gif_w": (6, 2, False),
+           "bmp_h": (22, 4, False), "bmp_w": (18, 4, False), "vp8_h": (28, 2, False), "vp8_w": (26, 2, False),
+           "vp8l": (21, 4, False), "vp8x_h": (27, 3, False), "vp8x_w": (24, 3, False)}
+
+
+def _fields(b: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The unsigned integers of _FIELDS in headers [n, 32], each [n]: one gather and one weighted sum for all
+    of them (a byte at a time, they were a third of the graph's ops for one image)."""
+    index, weight = [], []
+    for start, size, big_endian in _FIELDS.values():
+        order = range(size - 1, -1, -1) if big_endian else range(size)  # the weight of byte k is 256 ** order[k]
+        index.append([start + k for k in range(size)] + [0] * (4 - size))
+        weight.append([256 ** e for e in order] + [0] * (4 - size))
+    values = tf.reduce_sum(tf.gather(b, index, axis=1) * tf.constant(weight, tf.int64), axis=-1)
+    return dict(zip(_FIELDS, tf.unstack(values, len(_FIELDS), axis=1)))
 
 
 def _starts_with(b: tf.Tensor, magic: bytes, at: int = 0) -> tf.Tensor:
@@ -90,10 +107,10 @@ def _read_headers(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tens
     b = _header(flat)
     kind = _formats(b)
     zero = tf.zeros_like(b[:, 0])
-    bmp_height = _uint(b, 22, 4, big_endian=False)
-    bmp_height = tf.abs(tf.where(bmp_height >= 2**31, bmp_height - 2**32, bmp_height))  # negative: top-down rows
+    f = _fields(b)
+    bmp_height = tf.abs(tf.where(f["bmp_h"] >= 2**31, f["bmp_h"] - 2**32, f["bmp_h"]))  # negative: top-down rows
     # WebP's first chunk: VP8 (lossy), VP8L (lossless: 14 bits width - 1, 14 bits height - 1) or VP8X (the canvas)
-    lossless = _uint(b, 21, 4, big_endian=False)
+    lossless = f["vp8l"]
     vp8, vp8l, vp8x = (tf.logical_and(kind["webp"], _starts_with(b, chunk, at=12)) for chunk in (b"VP8 ", b"VP8L",
                                                                                                   b"VP8X"))
     jpegs = tf.where(kind["jpeg"])[:, 0]
@@ -108,10 +125,10 @@ def _read_headers(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tens
             value = tf.where(where, then, value)
         return tf.reshape(value, tf.shape(image_bytes))
 
-    height = pick(_uint(b, 20, 4, True), _uint(b, 8, 2, False), bmp_height, jpeg_sizes[:, 0],
-                  _uint(b, 28, 2, False) % 16384, (lossless // 16384) % 16384 + 1, _uint(b, 27, 3, False) + 1)
-    width = pick(_uint(b, 16, 4, True), _uint(b, 6, 2, False), _uint(b, 18, 4, False), jpeg_sizes[:, 1],
-                 _uint(b, 26, 2, False) % 16384, lossless % 16384 + 1, _uint(b, 24, 3, False) + 1)
+    height = pick(f["png_h"], f["gif_h"], bmp_height, jpeg_sizes[:, 0], f["vp8_h"] % 16384,
+                  (lossless // 16384) % 16384 + 1, f["vp8x_h"] + 1)
+    width = pick(f["png_w"], f["gif_w"], f["bmp_w"], jpeg_sizes[:, 1], f["vp8_w"] % 16384, lossless % 16384 + 1,
+                 f["vp8x_w"] + 1)
     known = tf.reshape(tf.reduce_any(tf.stack(list(kind.values()), axis=-1), axis=-1), tf.shape(image_bytes))
     return known, height, width
 
@@ -207,34 +224,46 @@ def _checked_headers(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.T
 
 
 def check_png_chunks(image_bytes: tf.Tensor) -> tf.Tensor:
-    """The bytes, unchanged, once every chunk of the PNG up to IEND has been found to fit in the file: a 1 KB
-    PNG whose tEXt chunk declared 2^31 - 1 bytes made the decoder allocate 2 GB before it gave up. One step a
-    chunk (a 28x28 PNG has three or four), each reading 8 bytes; the walk stops at IEND or at a chunk type that
-    is not four ASCII letters (libpng refuses those itself), and more than MAX_PNG_CHUNKS chunks are refused,
-    so 16 MB of 12-byte chunks cannot keep a request in the loop."""
-    size = tf.cast(tf.strings.length(image_bytes), tf.int64)
+    """The PNGs (a scalar or a batch), unchanged, once every chunk of each up to IEND has been found to fit in
+    its file: a 1 KB PNG whose tEXt chunk declared 2^31 - 1 bytes made the decoder allocate 2 GB before it gave
+    up. One step a chunk for the whole batch (a 28x28 PNG has three or four), each reading 8 bytes of every
+    file still being walked; a file's walk stops at IEND or at a chunk type that is not four ASCII letters
+    (libpng refuses those itself), and more than MAX_PNG_CHUNKS chunks are refused, so 16 MB of 12-byte chunks
+    cannot keep a request in the loop. Every file must hold PNG's 8-byte signature."""
+    files = tf.reshape(image_bytes, [-1])
+    size = tf.cast(tf.strings.length(files), tf.int64)
+    zero = tf.zeros_like(size)
 
-    def head_at(pos):  # a chunk's declared data length (big-endian) and its type's four bytes
-        head = tf.cast(tf.io.decode_raw(tf.strings.substr(image_bytes, pos, 8), tf.uint8), tf.int64)
-        return ((head[0] * 256 + head[1]) * 256 + head[2]) * 256 + head[3], head[4:8]
+    def going(pos, worst, count, ended):  # [n] bool: the files whose walk goes on
+        return tf.logical_and(tf.logical_and(pos + 12 <= size, worst <= 0),
+                              tf.logical_and(count <= MAX_PNG_CHUNKS, tf.logical_not(ended)))
 
     def step(pos, worst, count, ended):
-        length, kind = head_at(pos)
+        walking = going(pos, worst, count, ended)
+        at = tf.where(walking, pos, 0)  # the files that stopped read their signature: every read is 8 bytes
+        eight = tf.fill(tf.shape(at), tf.constant(8, tf.int64))
+        head = tf.reshape(tf.cast(tf.io.decode_raw(tf.strings.substr(files, at, eight), tf.uint8), tf.int64),
+                          tf.concat([tf.shape(at), [8]], 0))
+        length = ((head[:, 0] * 256 + head[:, 1]) * 256 + head[:, 2]) * 256 + head[:, 3]
+        kind = head[:, 4:]
         upper = kind - (kind // 32 % 2) * 32  # letters folded to upper case
-        letters = tf.reduce_all(tf.logical_and(upper >= 65, upper <= 90))
-        ended = tf.logical_or(tf.logical_not(letters), tf.reduce_all(tf.equal(kind, [73, 69, 78, 68])))  # IEND
-        worst = tf.where(letters, tf.maximum(worst, pos + 12 + length - size), worst)
-        return pos + 12 + length, worst, count + 1, ended
+        letters = tf.reduce_all(tf.logical_and(upper >= 65, upper <= 90), axis=1)
+        iend = tf.reduce_all(tf.equal(kind, [[73, 69, 78, 68]]), axis=1)
+        counted = tf.logical_and(walking, letters)
+        return (tf.where(walking, pos + 12 + length, pos),
+                tf.where(counted, tf.maximum(worst, pos + 12 + length - size), worst),
+                count + tf.cast(walking, tf.int64),
+                tf.logical_or(ended, tf.logical_and(walking, tf.logical_or(tf.logical_not(letters), iend))))
 
-    def going(pos, worst, count, ended):
-        return tf.reduce_all([pos + 12 <= size, worst <= 0, count <= MAX_PNG_CHUNKS, tf.logical_not(ended)])
-
-    zero = tf.constant(0, tf.int64)
-    _, overrun, chunks, _ = tf.while_loop(going, step, (tf.constant(8, tf.int64), zero, zero, tf.constant(False)))
-    message = tf.strings.format("PNG chunk declares {} bytes more than the file holds", overrun)
+    _, overrun, chunks, _ = tf.while_loop(lambda *state: tf.reduce_any(going(*state)), step,
+                                          (tf.fill(tf.shape(size), tf.constant(8, tf.int64)), zero, zero,
+                                           tf.zeros_like(size, tf.bool)))
+    first = tf.argmax(tf.cast(overrun > 0, tf.int32))  # about the first file that overruns (0 if none does)
+    message = tf.strings.format("PNG chunk declares {} bytes more than the file holds",
+                                tf.reduce_max(tf.concat([overrun[first:first + 1], [0]], 0)))
     too_many = f"PNG has more than {MAX_PNG_CHUNKS} chunks"
-    with tf.control_dependencies([tf.debugging.Assert(overrun <= 0, [message]),
-                                  tf.debugging.Assert(chunks <= MAX_PNG_CHUNKS, [too_many])]):
+    with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(overrun <= 0), [message]),
+                                  tf.debugging.Assert(tf.reduce_all(chunks <= MAX_PNG_CHUNKS), [too_many])]):
         return tf.identity(image_bytes)
 
 
@@ -273,11 +302,12 @@ def check_jpeg_scans(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 def _shrink(image: tf.Tensor) -> tf.Tensor:
-    """uint8 [h, w, c] -> float32 in [0, 1], area-averaged down to at most WORK_SIDE per side."""
-    shape = tf.shape(image)
-    longest = tf.cast(tf.maximum(shape[0], shape[1]), tf.float32)
+    """uint8 [h, w, c] (or a batch of them, [n, h, w, c]) -> float32 in [0, 1], area-averaged down to at most
+    WORK_SIDE per side."""
+    shape = tf.shape(image)[-3:-1]
+    longest = tf.cast(tf.reduce_max(shape), tf.float32)
     scale = tf.minimum(1.0, WORK_SIDE / longest)
-    size = tf.maximum(1, tf.cast(tf.math.ceil(tf.cast(shape[:2], tf.float32) * scale), tf.int32))
+    size = tf.maximum(1, tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) * scale), tf.int32))
     return tf.image.resize(image, size, method="area") / 255.0
 
 
@@ -297,16 +327,19 @@ def decode_rgba(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 def to_grey(rgba: tf.Tensor) -> tf.Tensor:
-    """RGBA -> grey [h, w, 1]; transparent areas take the shade that contrasts with the opaque ink."""
+    """RGBA [h, w, 4] -> grey [h, w, 1] (or [n, h, w, 4] -> [n, h, w, 1]); transparent areas take the shade
+    that contrasts with the opaque ink of their image."""
     grey = tf.tensordot(rgba[..., :3], tf.constant(LUMA), axes=1)[..., None]
     alpha = rgba[..., 3:]
-    ink = tf.reduce_sum(grey * alpha) / tf.maximum(tf.reduce_sum(alpha), 1e-6)
+    pixels = [-3, -2, -1]
+    ink = tf.reduce_sum(grey * alpha, axis=pixels, keepdims=True) / tf.maximum(
+        tf.reduce_sum(alpha, axis=pixels, keepdims=True), 1e-6)
     background = tf.where(ink < 0.5, 1.0, 0.0)
     return grey * alpha + background * (1.0 - alpha)
 
 
-# The steps below work on a batch of images of one size, [n, h, w, 1]: the serving graph runs them on one image
-# at a time (n = 1, each file has its own size), training on a batch of noisy 28x28 digits (training.data).
+# The steps below work on a batch of images of one size, [n, h, w, 1]: the serving graph runs them on a call's
+# PNGs of one size together, on other images one at a time (n = 1), training on a batch of noisy 28x28 digits.
 # Decisions that skip work (line removal) are taken for the batch, so a single image pays only for its own.
 
 def _per_image(x: tf.Tensor) -> tf.Tensor:
@@ -466,25 +499,58 @@ def ink_box(ink: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
         return tf.identity(top), tf.identity(left), bottom + 1 - top, right + 1 - left
 
 
+def _resampling(start: tf.Tensor, length: tf.Tensor, size: tf.Tensor, area: tf.Tensor, extent: tf.Tensor) -> tf.Tensor:
+    """[n, DIGIT_BOX, extent]: the weights by which TensorFlow's resize kernels make output pixel j (j < size,
+    rows beyond are 0) of the span [start, start + length) of an axis `extent` long, resized to `size`: area
+    averaging where `area` (ResizeArea: the share of each input pixel in [j s, (j + 1) s), s = length / size),
+    bilinear with half-pixel centres elsewhere (ResizeBilinear: the two pixels around (j + 0.5) s - 0.5, clamped
+    to the span). All [n]; a resize is then two matrix products, for the whole batch at once."""
+    length_f, size_f = tf.cast(length, tf.float32)[:, None, None], tf.cast(size, tf.float32)[:, None, None]
+    s = length_f / size_f
+    j = tf.range(DIGIT_BOX, dtype=tf.float32)[None, :, None]
+    i = tf.cast(tf.range(extent)[None, None, :] - start[:, None, None], tf.float32)  # relative to the span
+    inside = tf.logical_and(tf.logical_and(i >= 0.0, i < length_f), j < size_f)
+    overlap = tf.maximum(tf.minimum(i + 1.0, (j + 1.0) * s) - tf.maximum(i, j * s), 0.0) / s
+    centre = (j + 0.5) * s - 0.5
+    below = tf.floor(centre)
+    lerp = centre - below
+    lower, upper = tf.maximum(below, 0.0), tf.minimum(tf.math.ceil(centre), length_f - 1.0)
+    tent = tf.where(tf.equal(i, lower), 1.0 - lerp, 0.0) + tf.where(tf.equal(i, upper), lerp, 0.0)
+    return tf.where(inside, tf.where(area[:, None, None], overlap, tent), 0.0)
+
+
+def _placement(offset: tf.Tensor) -> tf.Tensor:
+    """[n, IMAGE_SIZE, DIGIT_BOX]: 1 where output pixel y takes pixel y - offset of the digit (a shift)."""
+    y = tf.range(IMAGE_SIZE)[None, :, None]
+    return tf.cast(tf.equal(y - offset[:, None, None], tf.range(DIGIT_BOX)[None, None, :]), tf.float32)
+
+
 def fit_and_centre(ink: tf.Tensor, top: tf.Tensor, left: tf.Tensor, height: tf.Tensor,
                    width: tf.Tensor) -> tf.Tensor:
-    """One image [h, w, 1] and its ink box, as MNIST was made: the box scaled to fit DIGIT_BOX x DIGIT_BOX
-    keeping its aspect ratio, then placed in IMAGE_SIZE x IMAGE_SIZE with its centre of mass at the centre."""
-    crop = ink[top:top + height, left:left + width]
-    scale = DIGIT_BOX / tf.cast(tf.maximum(height, width), tf.float32)
-    size = tf.maximum(1, tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32) * scale), tf.int32))
-    digit = tf.cond(scale < 1.0,  # area averaging shrinks without aliasing; bilinear enlarges smoothly
-                    lambda: tf.image.resize(crop, size, method="area"),
-                    lambda: tf.image.resize(crop, size, method="bilinear"))
-    digit = tf.clip_by_value(digit, 0.0, 1.0)
-    mass = tf.maximum(tf.reduce_sum(digit), 1e-6)
-    centre_y = tf.reduce_sum(digit[:, :, 0] * (tf.range(size[0], dtype=tf.float32)[:, None] + 0.5)) / mass
-    centre_x = tf.reduce_sum(digit[:, :, 0] * (tf.range(size[1], dtype=tf.float32)[None, :] + 0.5)) / mass
+    """Images [n, h, w, 1] and their ink boxes ([n] each) -> [n, 28, 28, 1], as MNIST was made: each box scaled
+    to fit DIGIT_BOX x DIGIT_BOX keeping its aspect ratio (area averaging shrinks without aliasing, bilinear
+    enlarges smoothly), then placed in IMAGE_SIZE x IMAGE_SIZE with its centre of mass at the centre. Each box
+    has its own size, yet the whole batch goes through a few matrix products: the resize is separable, so a
+    crop and resize is a [DIGIT_BOX, h] and a [w, DIGIT_BOX] matrix of the kernels' own weights, and the
+    placement two shifts."""
+    longest = tf.cast(tf.maximum(height, width), tf.float32)
+    scale = DIGIT_BOX / longest
+    size_y = tf.maximum(1, tf.cast(tf.round(tf.cast(height, tf.float32) * scale), tf.int32))
+    size_x = tf.maximum(1, tf.cast(tf.round(tf.cast(width, tf.float32) * scale), tf.int32))
+    area = scale < 1.0
+    shape = tf.shape(ink)
+    rows = _resampling(top, height, size_y, area, shape[1])  # [n, box, h]
+    cols = _resampling(left, width, size_x, area, shape[2])  # [n, box, w]
+    digit = tf.clip_by_value(tf.matmul(tf.matmul(rows, ink[..., 0]), cols, transpose_b=True), 0.0, 1.0)
+    mass = tf.maximum(tf.reduce_sum(digit, axis=[1, 2]), 1e-6)
+    position = tf.range(DIGIT_BOX, dtype=tf.float32) + 0.5
+    centre_y = tf.reduce_sum(digit * position[None, :, None], axis=[1, 2]) / mass
+    centre_x = tf.reduce_sum(digit * position[None, None, :], axis=[1, 2]) / mass
     half = IMAGE_SIZE / 2 + 0.5  # MNIST's centres of mass sit at pixel index 14 (14.5 counting pixel centres)
-    offset_y = tf.clip_by_value(tf.cast(tf.round(half - centre_y), tf.int32), 0, IMAGE_SIZE - size[0])
-    offset_x = tf.clip_by_value(tf.cast(tf.round(half - centre_x), tf.int32), 0, IMAGE_SIZE - size[1])
-    return tf.ensure_shape(tf.image.pad_to_bounding_box(digit, offset_y, offset_x, IMAGE_SIZE, IMAGE_SIZE),
-                           [IMAGE_SIZE, IMAGE_SIZE, 1])
+    offset_y = tf.clip_by_value(tf.cast(tf.round(half - centre_y), tf.int32), 0, IMAGE_SIZE - size_y)
+    offset_x = tf.clip_by_value(tf.cast(tf.round(half - centre_x), tf.int32), 0, IMAGE_SIZE - size_x)
+    placed = tf.matmul(tf.matmul(_placement(offset_y), digit), _placement(offset_x), transpose_b=True)
+    return placed[..., None]
 
 
 BACKGROUND_SIDE, BACKGROUND_WINDOW = 32, 11  # the background is estimated at 32x32, with 11x11 filters
@@ -519,51 +585,61 @@ def _ink(grey: tf.Tensor) -> tf.Tensor:
     return remove_lines(stretch_contrast(even_out_background(to_mnist_polarity(grey))))
 
 
+@_graph_code
 def normalize(grey: tf.Tensor) -> tf.Tensor:
     """Grey [h, w, 1] in [0, 1], any polarity and size -> an MNIST-like [28, 28, 1] white digit on black."""
     ink = _ink(grey[None])
-    return fit_and_centre(ink[0], *(value[0] for value in ink_box(ink)))
+    return fit_and_centre(ink, *ink_box(ink))[0]
 
 
+@_graph_code
 def normalize_batch(grey: tf.Tensor) -> tf.Tensor:
     """normalize() for a batch of images of one size, [n, h, w, 1] -> [n, 28, 28, 1]: the same steps on the
-    whole batch, and only the crop, resize and centring one image at a time (each box has its own size)."""
+    whole batch."""
     ink = _ink(grey)
-    return tf.map_fn(lambda args: fit_and_centre(*args), (ink, *ink_box(ink)),
-                     fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32))
+    return fit_and_centre(ink, *ink_box(ink))
 
 
+@_graph_code
 def decode_and_normalize(image_bytes: tf.Tensor) -> tf.Tensor:
     """One encoded image (scalar string) whose header `check_headers` has read -> float32 [28, 28, 1] in [0, 1],
     white digit on black."""
     return normalize(to_grey(decode_rgba(image_bytes)))
 
 
+def _same_size_pngs(image_bytes: tf.Tensor) -> tf.Tensor:
+    """PNGs [n] whose headers declare one size -> grey [n, h, w, 1]: the chunks of all of them walked at once,
+    each decoded (the decoder takes one file), then shrunk and made grey as a batch."""
+    checked = check_png_chunks(image_bytes)
+    pixels = tf.cond(tf.equal(tf.size(checked), 1), lambda: tf.io.decode_png(checked[0], channels=4)[None],
+                     lambda: tf.map_fn(lambda data: tf.io.decode_png(data, channels=4), checked,
+                                       parallel_iterations=4,
+                                       fn_output_signature=tf.TensorSpec([None, None, 4], tf.uint8)))
+    return to_grey(_shrink(pixels))
+
+
+@_graph_code
 def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
     """string [N] -> float32 [N, 28, 28, 1].
 
-    PNGs of one size (what a client sends in a batch, and what server-side batching merges) are decoded one at a
-    time and normalised together, as a batch: the same answers to the last bit (normalize_batch's promise),
-    about twice as fast, as the dozens of small steps of the normalisation run once for the batch instead of
-    once an image. Other batches are normalised image by image, a few at a time; so are same-size batches of
-    more than BATCHED_PIXELS pixels after shrinking, to bound memory.
+    PNGs of one size (one digit, what a client sends in a batch, and what server-side batching merges) are
+    decoded and normalised as a batch: the same answers to the last bit as each image alone (normalize_batch's
+    promise), and the dozens of small steps of the normalisation run once for the call instead of once an
+    image. Other calls are normalised image by image, a few at a time; so are same-size calls of more than
+    BATCHED_PIXELS pixels, to bound memory (a batch is decoded whole before it is shrunk).
     """
     image_bytes, height, width = _checked_headers(image_bytes)
     count = tf.size(image_bytes, out_type=tf.int64)
-    side = tf.cast(WORK_SIDE, tf.int64)
-    shrunk = tf.reduce_sum(tf.minimum(height, side) * tf.minimum(width, side))
     same_png = tf.logical_and(
         tf.reduce_all(tf.equal(tf.strings.substr(image_bytes, 0, 8), b"\x89PNG\r\n\x1a\n")),
         tf.logical_and(tf.reduce_all(tf.equal(height, height[:1])), tf.reduce_all(tf.equal(width, width[:1]))))
-    together = tf.logical_and(tf.logical_and(count > 1, same_png), shrunk <= BATCHED_PIXELS)
-
-    def batched() -> tf.Tensor:
-        greys = tf.map_fn(lambda data: to_grey(decode_rgba(data)), image_bytes, parallel_iterations=4,
-                          fn_output_signature=tf.TensorSpec([None, None, 1], tf.float32))
-        return normalize_batch(greys)
+    together = tf.logical_and(tf.logical_and(count > 0, same_png),
+                              tf.reduce_sum(height * width) <= BATCHED_PIXELS)
 
     def one_by_one() -> tf.Tensor:
-        return tf.map_fn(decode_and_normalize, image_bytes, parallel_iterations=4,
-                         fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32))
+        return tf.cond(tf.equal(count, 1), lambda: decode_and_normalize(image_bytes[0])[None],
+                       lambda: tf.map_fn(decode_and_normalize, image_bytes, parallel_iterations=4,
+                                         fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32)))
 
-    return tf.ensure_shape(tf.cond(together, batched, one_by_one), [None, IMAGE_SIZE, IMAGE_SIZE, 1])
+    return tf.ensure_shape(tf.cond(together, lambda: normalize_batch(_same_size_pngs(image_bytes)), one_by_one),
+                           [None, IMAGE_SIZE, IMAGE_SIZE, 1])
