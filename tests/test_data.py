@@ -5,6 +5,7 @@ import gzip
 import io
 import os
 import pickle
+import time
 import zipfile
 from pathlib import Path
 
@@ -90,6 +91,29 @@ def test_prepare_writes_a_dataset_tfds_loads(tmp_path):
     images, labels = zip(*[(x.numpy(), int(y)) for x, y in data.load_split(cfg, "test")])
     assert sorted(labels) == list(range(10))
     assert {img.tobytes() for img in images} == {img.tobytes() for img in splits["test"][0]}
+
+
+def test_processes_that_prepare_at_once_wait_for_the_one_that_prepares(tmp_path):
+    """The suite's workers (and two trainings) may ask for MNIST at the same moment: one prepares it, the others
+    wait on its lock and then find it prepared, instead of writing the same files at once."""
+    import fcntl
+    import threading
+
+    holder = open(tmp_path / ".prepare.lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # this test is the process that prepares
+    answer = []
+    waiter = threading.Thread(target=lambda: answer.append(mnist.prepare(tmp_path, allow_download=False)))
+    waiter.start()
+    deadline = time.monotonic() + 60
+    while not any("->" in line and "FLOCK" in line for line in Path("/proc/locks").read_text().splitlines()):
+        assert waiter.is_alive() and time.monotonic() < deadline, "prepare() did not wait for the lock"
+        time.sleep(0.05)
+    rng = np.random.default_rng(0)
+    mnist.store_as_tfds({"train": (rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8), np.arange(20) % 10),
+                         "test": (rng.integers(0, 256, (10, 28, 28, 1), dtype=np.uint8), np.arange(10))}, tmp_path)
+    holder.close()
+    waiter.join(60)
+    assert answer == ["prepared"]
 
 
 def test_splits_hold_out_validation_and_subsets():

