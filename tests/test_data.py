@@ -369,3 +369,18 @@ def test_an_outline_augmentation_draws_hollow_digits_as_the_serving_graph_fits_t
     assert all(0.2 < a.mean() / max(b.mean(), 1e-6) for a, b in zip(inked, solid))  # every digit has its ring
     heights = [np.ptp(np.nonzero(i.any(axis=1))[0]) + 1 for i in inked]
     assert max(heights) <= 21  # fitted into MNIST's 20x20 box like a file of a hollow digit would be
+
+
+def test_each_augmentation_draws_with_the_op_seeds_its_entry_declares():
+    """The augmentations' random ops, traced with cfg.seed 1000 and every probability on: each uses op seeds inside
+    its AUGMENTATION_SEEDS range, so no two of them draw the same numbers."""
+    cfg = Config(seed=1000, outline_probability=1.0, noise_probability=1.0, stroke_probability=1.0,
+                 occlusion_probability=1.0, line_probability=1.0)
+    images = tf.TensorSpec([None, 28, 28, 1], tf.float32)
+    graph = tf.function(data.augmenter(cfg), input_signature=[images]).get_concrete_function().graph
+    definitions = graph.as_graph_def()
+    nodes = list(definitions.node) + [n for f in definitions.library.function for n in f.node_def]
+    seeds = sorted(n.attr["seed2"].i for n in nodes if n.op.startswith("Random"))
+    declared = sorted(cfg.seed + first + k for first, used in data.AUGMENTATION_SEEDS.values() for k in range(used))
+    assert seeds and set(seeds) <= set(declared)
+    assert len(set(seeds)) == len(seeds)  # no two ops share a seed

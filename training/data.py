@@ -5,6 +5,7 @@ The dataset itself, and how it is made available offline, is `training.mnist`; `
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import tensorflow as tf
@@ -185,6 +186,16 @@ def random_outline(images: tf.Tensor, probability: float, seed: int,
     return tf.tensor_scatter_nd_update(images, tf.where(chosen), preprocessing.normalize_batch(ring))
 
 
+# The op seeds of each augmentation, as (first offset from cfg.seed, how many it uses: seed, seed + 1, ...). Two
+# random ops with one seed draw the same numbers, so the ranges must not overlap (checked below). The offsets
+# are those every published run was trained with: other offsets would give other draws.
+AUGMENTATION_SEEDS = {"random_stroke_width": (4, 1), "random_occlusion": (5, 5), "random_noise": (10, 7),
+                      "random_affine": (20, 6), "random_outline": (30, 1), "random_line": (40, 3)}
+_offsets = sorted(AUGMENTATION_SEEDS.values())
+if any(first + used > following for (first, used), (following, _) in itertools.pairwise(_offsets)):
+    raise ValueError(f"augmentation op seeds overlap: {AUGMENTATION_SEEDS}")
+
+
 def augmenter(cfg: Config, share: tf.Variable | None = None):
     """Outlines, noise, random rotation, shear, shift, zoom, stroke width, occluding bars and strokes across the
     digit of a batch: the kinds of variation handwriting and its photos have (no flips: a flipped digit is
@@ -194,18 +205,20 @@ def augmenter(cfg: Config, share: tf.Variable | None = None):
     def p(probability: float):
         return probability if share is None or probability <= 0 else probability * share
 
-    def augment(images: tf.Tensor) -> tf.Tensor:
-        # first, on digits that have ink; op seeds: outline +30, noise +10 to +16, affine +20 to +25,
-        # lines +40 to +42, the others +4 to +9
-        images = random_outline(images, p(cfg.outline_probability), cfg.seed + 30, cfg.outline_pixels)
-        images = random_noise(images, p(cfg.noise_probability), cfg.seed + 10, cfg.impulse_max,
+    def seed(augmentation: str) -> int:
+        return cfg.seed + AUGMENTATION_SEEDS[augmentation][0]
+
+    def augment(images: tf.Tensor) -> tf.Tensor:  # outlines first, on digits that have ink
+        images = random_outline(images, p(cfg.outline_probability), seed("random_outline"), cfg.outline_pixels)
+        images = random_noise(images, p(cfg.noise_probability), seed("random_noise"), cfg.impulse_max,
                               (cfg.noise_sigma_min, cfg.noise_sigma_max), cfg.impulse_min)
-        images = random_affine(images, cfg, cfg.seed + 20)
-        images = random_stroke_width(images, p(cfg.stroke_probability), cfg.seed + 4, cfg.stroke_pixels)
-        images = random_occlusion(images, p(cfg.occlusion_probability), cfg.seed + 5,
+        images = random_affine(images, cfg, seed("random_affine"))
+        images = random_stroke_width(images, p(cfg.stroke_probability), seed("random_stroke_width"), cfg.stroke_pixels)
+        images = random_occlusion(images, p(cfg.occlusion_probability), seed("random_occlusion"),
                                   (cfg.occlusion_period_min, cfg.occlusion_period_max),
                                   (cfg.occlusion_width_min, cfg.occlusion_width_max))
-        return random_line(images, p(cfg.line_probability), cfg.seed + 40, (cfg.line_width_min, cfg.line_width_max))
+        return random_line(images, p(cfg.line_probability), seed("random_line"),
+                           (cfg.line_width_min, cfg.line_width_max))
 
     return augment
 
