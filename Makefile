@@ -13,6 +13,8 @@ TRAIN_FLAGS ?=
 SERVER_FLAGS ?= --enable_batching=true --batching_parameters_file=serving/batching.config \
 	--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=-1
 DIST_DIR ?= dist
+# the suite's worker processes: each takes whole test files, so a module's shared server starts once
+TEST_WORKERS ?= 2
 
 .PHONY: all venv data train evaluate samples serve demo test lint dist k8s-config clean
 
@@ -59,9 +61,9 @@ demo: venv
 	$(PY) client/predict.py --protocol grpc --server localhost:$(GRPC_PORT) $(firstword $(wildcard $(SAMPLES)/*.png)) && \
 	echo "[demo] done; the server's log is in server.log"
 
-## test: the whole test suite with line coverage of training/, serving/ and client/
+## test: the whole test suite with line coverage of training/, serving/ and client/, on TEST_WORKERS processes
 test: venv
-	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=85
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --cov --cov-report=term --cov-fail-under=85
 
 ## lint: ruff
 lint: venv
