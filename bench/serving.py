@@ -4,7 +4,8 @@
     python -m bench.serving --model models/mnist --smoke          # a second a cell: checks that it all works
 
 1. in process: the `serving_default` signature called directly, one image (p50, p99) and batches; and where its
-   time goes: the image graph alone, the network alone and both, at batch 1, 8 and 64;
+   time goes: the image graph alone, the network alone and both, at batch 1, 8 and 64; with `--reference
+   EXPORT`, one image through this export and through another (say, one an older checkout made), alternating;
 2. the embedded server (a subprocess, batching on, `serving/batching.config`) over gRPC and REST, closed loop
    at each concurrency, single-image requests, answers checked against the in-process answer;
 3. its resident memory (VmRSS of the subprocess) sampled through a long run at the highest concurrency;
@@ -67,6 +68,7 @@ class Settings:
     python_client_cell: bool = True  # also measure with the Python gRPC client, to show its ceiling
     overlap_startup: bool = False  # start both servers while measuring in process: saves time, skews figures
     server_root: Path = ROOT  # where `python -m serving.server` runs from: another checkout compares versions
+    reference: Path | None = None  # another export whose one-image p50 is measured beside ours (issue 15)
     progress: Callable[[str], None] = field(default=lambda message: print(f"[bench] {message}", flush=True))
 
     @classmethod
@@ -413,6 +415,27 @@ def graph_split(version: Path, image: bytes, settings: Settings) -> dict:
     return split
 
 
+def reference_cell(version: Path, reference: Path, image: bytes, settings: Settings) -> dict:
+    """One image through `serving_default` of this export and of a reference export (e.g. one made by an older
+    checkout), in the same process, in three alternating rounds: the p50 of each and their ratio."""
+    one = tf.constant([image])
+    calls = {name: tf.saved_model.load(str(path)).signatures["serving_default"]
+             for name, path in (("ours", version), ("reference", version_dir(reference)))}
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(3):
+        for name, call in calls.items():
+            for _ in range(20):
+                call(image_bytes=one)
+            stop = time.perf_counter() + settings.duration / 6
+            while time.perf_counter() < stop or len(latencies[name]) < 20:
+                started = time.perf_counter()
+                call(image_bytes=one)
+                latencies[name].append((time.perf_counter() - started) * 1000)
+    p50 = {name: loadgen.percentile(values, 50) for name, values in latencies.items()}
+    return {"model": str(version_dir(reference).resolve()), "ours_p50_ms": p50["ours"],
+            "reference_p50_ms": p50["reference"], "ratio": p50["ours"] / p50["reference"]}
+
+
 def criteria(results: dict) -> dict:
     grpc_cells: dict[int, dict] = {}
     for cell in results["server"]:  # the first gRPC cell of each concurrency: the Python-client extra comes last
@@ -424,12 +447,19 @@ def criteria(results: dict) -> dict:
     batch64 = inproc["throughput"].get("64")
     baseline, memory = results["baseline"], results["memory"]
     errors = sum(c["errors"] for c in [*results["server"], memory or {}, baseline or {}] if c)
-    return {
+    split64, reference = results["graph_split"].get("64"), results.get("reference")
+    return {  # issue 5's, then issue 15's
+
         "grpc_c1_p50_within_0.5ms": None if not c1 else c1["p50_ms"] <= inproc["latency_p50_ms"] + 0.5,
         "grpc_c32_at_least_70pct_of_batch64": None if not (c32 and batch64) else c32["rps"] >= 0.7 * batch64,
         "grpc_c32_at_least_20x_baseline": None if not (c32 and baseline) else c32["rps"] >= 20 * baseline["rps"],
         "no_errors": errors == 0,
         "memory_flat": None if not memory else memory["growth_mb"] <= MAX_MEMORY_GROWTH_MB,
+        "png_batch64_at_least_60pct_of_network_alone": None if not split64 else (
+            split64["both"]["images_per_s"] >= 0.6 * split64["network"]["images_per_s"]),
+        "one_image_at_most_0.45x_of_the_reference_export": None if not reference else reference["ratio"] <= 0.45,
+        "grpc_c1_p50_within_0.3ms": None if not c1 else c1["p50_ms"] <= inproc["latency_p50_ms"] + 0.3,
+        "grpc_c32_at_least_85pct_of_batch64": None if not (c32 and batch64) else c32["rps"] >= 0.85 * batch64,
     }
 
 
@@ -458,6 +488,10 @@ def run(settings: Settings) -> dict:
         results["in_process"] = expected = in_process(version, image, settings)
         settings.progress("in process: image graph, network, both")
         results["graph_split"] = graph_split(version, image, settings)
+        results["reference"] = None
+        if settings.reference:
+            settings.progress(f"in process: one image, this export against {settings.reference}")
+            results["reference"] = reference_cell(version, settings.reference, image, settings)
         settings.progress("starting the embedded server")
         with server or ServerProcess(server_command(base, settings), settings.server_root) as server:
             server.wait_ready()
@@ -501,6 +535,10 @@ def markdown(results: dict) -> str:
                  for c in (cells["image_graph"], cells["network"], cells["both"])]
         ratio = cells["both"]["images_per_s"] / cells["network"]["images_per_s"]
         lines.append(f"| {batch} | {' | '.join(shown)} | {ratio:.0%} |")
+    if results.get("reference"):
+        ref = results["reference"]
+        lines += ["", f"One image in process, alternating: this export {ref['ours_p50_ms']:.2f} ms p50, the reference "
+                  f"`{ref['model']}` {ref['reference_p50_ms']:.2f} ms ({ref['ratio']:.2f}x)."]
     lines += ["", "| server | generator | concurrency | requests/s | p50 ms | p99 ms | errors | answers checked "
               "| server CPU ms/request | mean batch | load average |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -542,12 +580,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra flag for serving.server (repeat); later flags win over the thread flags")
     parser.add_argument("--server-root", type=Path, default=ROOT, help="run serving.server from this checkout")
     parser.add_argument("--image", type=Path, help="an image file to send (default: the model's first warmup image)")
+    parser.add_argument("--reference", type=Path,
+                        help="another export (base path or version) to time one image against, in this process")
     parser.add_argument("--out", type=Path, help="results as JSON here, the tables beside it as .table.md")
     args = parser.parse_args(argv)
     common = dict(batching_config=args.batching_config, server_args=(*SERVER_THREAD_FLAGS, *args.server_arg),
                   image=args.image,
                   use_c_generators=not args.no_c_generators, baseline=not args.no_baseline,
-                  server_root=args.server_root)
+                  server_root=args.server_root, reference=args.reference)
     if args.concurrency:
         common["concurrency"] = tuple(int(c) for c in args.concurrency.split(","))
     if args.smoke:

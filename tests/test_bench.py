@@ -17,7 +17,8 @@ from bench import serving as bench
 @pytest.fixture(scope="module")
 def results(model_base_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "benchmarks.json"
-    assert bench.main(["--model", str(model_base_path), "--smoke", "--out", str(out)]) == 0
+    assert bench.main(["--model", str(model_base_path), "--smoke", "--reference", str(model_base_path / "1"),
+                       "--out", str(out)]) == 0
     return json.loads(out.read_text()), out
 
 
@@ -63,6 +64,13 @@ def test_memory_baseline_and_criteria_are_reported(results):
     assert data["generators"] and all(g["cpu_us_per_request"] > 0 for g in data["generators"].values())
     assert data["criteria"]["no_errors"] is True
     assert data["criteria"]["grpc_c32_at_least_70pct_of_batch64"] is None  # smoke mode has neither cell
+    assert data["criteria"]["grpc_c32_at_least_85pct_of_batch64"] is None
+    assert data["criteria"]["png_batch64_at_least_60pct_of_network_alone"] in (True, False)
+    reference = data["reference"]  # the same export as its own reference
+    assert reference["ours_p50_ms"] > 0 and reference["reference_p50_ms"] > 0
+    assert reference["ratio"] == pytest.approx(reference["ours_p50_ms"] / reference["reference_p50_ms"])
+    assert data["criteria"]["one_image_at_most_0.45x_of_the_reference_export"] == (reference["ratio"] <= 0.45)
+    assert "One image in process, alternating" in out.with_suffix(".table.md").read_text()
     assert data["machine"]["cores"] >= 1
     table = out.with_suffix(".table.md").read_text()
     assert "| grpc |" in table and "| rest |" in table and "naive baseline" in table
