@@ -424,6 +424,24 @@ def test_a_call_of_same_size_pngs_answers_exactly_what_each_alone_answers(mnist_
         np.testing.assert_array_equal(together, np.concatenate([run(f, bmp)[:1] for f in files]))
 
 
+def test_a_call_of_same_size_pngs_larger_than_one_batch_goes_through_in_batches(mnist_test_arrays, monkeypatch):
+    """A call of same-size PNGs of more than BATCHED_PIXELS pixels in all is normalised in batches of at most that
+    many (here 3 digits a batch: 3 + 3 + 2), not image by image: the same answers, in order."""
+    files = [encode(d, "PNG") for d in mnist_test_arrays[0][:8, :, :, 0]]
+    alone = np.concatenate([run(f) for f in files])
+    sizes, normalize_batch = [], preprocessing.normalize_batch
+
+    def noting_sizes(grey):  # notes each batch's size when the graph runs it
+        tf.py_function(lambda n: sizes.append(int(n)), [tf.shape(grey)[0]], Tout=[])
+        return normalize_batch(grey)
+
+    monkeypatch.setattr(preprocessing, "BATCHED_PIXELS", 3 * 28 * 28)
+    monkeypatch.setattr(preprocessing, "normalize_batch", noting_sizes)
+    in_batches = tf.function(preprocessing.decode_batch, input_signature=[tf.TensorSpec([None], tf.string)])
+    np.testing.assert_array_equal(in_batches(tf.constant(files)).numpy(), alone)
+    assert sizes == [3, 3, 2]
+
+
 def _reference_fit_and_centre(ink, top, left, height, width):
     """The crop, resize and centring as the graph did them before issue 15, one image at a time through
     TensorFlow's resize kernels (ResizeArea, ResizeBilinear) and pad_to_bounding_box."""

@@ -625,21 +625,39 @@ def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
     PNGs of one size (one digit, what a client sends in a batch, and what server-side batching merges) are
     decoded and normalised as a batch: the same answers to the last bit as each image alone (normalize_batch's
     promise), and the dozens of small steps of the normalisation run once for the call instead of once an
-    image. Other calls are normalised image by image, a few at a time; so are same-size calls of more than
-    BATCHED_PIXELS pixels, to bound memory (a batch is decoded whole before it is shrunk).
+    image. A batch holds at most BATCHED_PIXELS pixels (it is decoded whole before it is shrunk): a larger call
+    goes through in batches of that size. Other calls are normalised image by image, a few at a time; so are
+    PNGs larger than BATCHED_PIXELS each.
     """
     image_bytes, height, width = _checked_headers(image_bytes)
     count = tf.size(image_bytes, out_type=tf.int64)
     same_png = tf.logical_and(
         tf.reduce_all(tf.equal(tf.strings.substr(image_bytes, 0, 8), b"\x89PNG\r\n\x1a\n")),
         tf.logical_and(tf.reduce_all(tf.equal(height, height[:1])), tf.reduce_all(tf.equal(width, width[:1]))))
-    together = tf.logical_and(tf.logical_and(count > 0, same_png),
-                              tf.reduce_sum(height * width) <= BATCHED_PIXELS)
+    each = tf.reduce_max(tf.concat([height * width, [1]], 0))  # the pixels of one image (of every one, if same_png)
+    together = tf.logical_and(tf.logical_and(count > 0, same_png), each <= BATCHED_PIXELS)
+    per_batch = tf.maximum(BATCHED_PIXELS // each, 1)
+
+    def batched() -> tf.Tensor:
+        return normalize_batch(_same_size_pngs(image_bytes))
+
+    def in_batches() -> tf.Tensor:
+        batches = (count + per_batch - 1) // per_batch
+
+        def step(i, done):
+            part = image_bytes[i * per_batch:(i + 1) * per_batch]
+            return i + 1, done.write(tf.cast(i, tf.int32), normalize_batch(_same_size_pngs(part)))
+
+        done = tf.TensorArray(tf.float32, size=tf.cast(batches, tf.int32), infer_shape=False,
+                              element_shape=[None, IMAGE_SIZE, IMAGE_SIZE, 1])
+        _, done = tf.while_loop(lambda i, _: i < batches, step, (tf.constant(0, tf.int64), done))
+        return done.concat()
 
     def one_by_one() -> tf.Tensor:
         return tf.cond(tf.equal(count, 1), lambda: decode_and_normalize(image_bytes[0])[None],
                        lambda: tf.map_fn(decode_and_normalize, image_bytes, parallel_iterations=4,
                                          fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32)))
 
-    return tf.ensure_shape(tf.cond(together, lambda: normalize_batch(_same_size_pngs(image_bytes)), one_by_one),
-                           [None, IMAGE_SIZE, IMAGE_SIZE, 1])
+    return tf.ensure_shape(
+        tf.cond(together, lambda: tf.cond(count <= per_batch, batched, in_batches), one_by_one),
+        [None, IMAGE_SIZE, IMAGE_SIZE, 1])
