@@ -399,10 +399,10 @@ def graph_split(version: Path, image: bytes, settings: Settings) -> dict:
     network, run as a tf.function), the network alone (predict_pixels on the pixels the image graph made) and
     both (serving_default). The image graph is this checkout's: for a model exported by other code, compare
     "both" with the other two with that in mind."""
-    from training.preprocessing import decode_batch
+    from training.preprocessing import decode_images
 
     signatures = tf.saved_model.load(str(version)).signatures
-    image_graph = tf.function(decode_batch, input_signature=[tf.TensorSpec([None], tf.string)])
+    image_graph = decode_images
     seconds = settings.duration / (3 * len(SPLIT_BATCHES))
     split = {}
     for batch in SPLIT_BATCHES:

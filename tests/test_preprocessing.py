@@ -11,7 +11,7 @@ from PIL import Image
 
 from training import preprocessing
 
-decode = tf.function(preprocessing.decode_batch, input_signature=[tf.TensorSpec([None], tf.string)])
+decode = preprocessing.decode_images
 
 
 def run(*files: bytes) -> np.ndarray:

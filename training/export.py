@@ -34,7 +34,7 @@ import tensorflow as tf
 from training import model_card
 from training.calibration import scale_probabilities
 from training.model import NUM_CLASSES
-from training.preprocessing import IMAGE_SIZE, decode_batch
+from training.preprocessing import IMAGE_SIZE, decode_images
 
 CLASSIFY_SIGNATURE = "classification"
 CLASSIFY_METHOD = "tensorflow/serving/classify"  # signature_constants.CLASSIFY_METHOD_NAME
@@ -43,10 +43,6 @@ CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))
 WARMUP_FILE = "tf_serving_warmup_requests"
 METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "model_card.md"
-
-# The image graph, traced once a process for every signature and export that reads image files: each of them
-# traced it on its own before (twice an endpoint, four times an export), a few seconds each.
-_decode_images = tf.function(decode_batch, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
 
 
 def prediction_outputs(probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -113,7 +109,7 @@ def build_archive(model: keras.Model, temperature: float = 1.0) -> keras.export.
         return prediction_outputs(probabilities)
 
     def from_bytes(image_bytes):
-        return from_pixels(_decode_images(image_bytes))
+        return from_pixels(decode_images(image_bytes))
 
     def from_examples(inputs):
         features = tf.io.parse_example(inputs, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})

@@ -190,17 +190,13 @@ def gif_frames(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     return frames, side, pixels
 
 
-def check_headers(image_bytes: tf.Tensor) -> tf.Tensor:
+def check_headers(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """The images [N], unchanged, once their headers have been read (InvalidArgumentError otherwise): each of a
     format `declared_size` reads (or empty: the decoder's own error then), each within MAX_SIDE pixels a side,
     and all of them within MAX_CALL_PIXELS (a GIF by its logical screen; its frames are bounded image by image).
     Each image bounded on its own did not bound a call: 16 MB holds a thousand 16 KB PNGs that each declare
-    4096x4096, about 100 s of decoding. In the graph, so TF Serving refuses as the embedded server does."""
-    return _checked_headers(image_bytes)[0]
-
-
-def _checked_headers(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """check_headers, and the sizes the headers declare."""
+    4096x4096, about 100 s of decoding. In the graph, so TF Serving refuses as the embedded server does.
+    Returns the images and the (height, width) their headers declare."""
     known, height, width = _read_headers(image_bytes)
     known = tf.logical_or(known, tf.equal(tf.strings.length(image_bytes), 0))
     too_large = tf.logical_or(height > MAX_SIDE, width > MAX_SIDE)
@@ -311,10 +307,21 @@ def _shrink(image: tf.Tensor) -> tf.Tensor:
     return tf.image.resize(image, size, method="area") / 255.0
 
 
+def _pngs_rgba(files: tf.Tensor) -> tf.Tensor:
+    """PNGs [n] whose headers declare one size -> float32 RGBA [n, h, w, 4] in [0, 1], at most WORK_SIDE per
+    side: the chunks of all of them walked at once, each decoded (the decoder takes one file), shrunk as a batch."""
+    checked = check_png_chunks(files)
+    pixels = tf.cond(tf.equal(tf.size(checked), 1), lambda: tf.io.decode_png(checked[0], channels=4)[None],
+                     lambda: tf.map_fn(lambda data: tf.io.decode_png(data, channels=4), checked,
+                                       parallel_iterations=4,
+                                       fn_output_signature=tf.TensorSpec([None, None, 4], tf.uint8)))
+    return _shrink(pixels)
+
+
 def decode_rgba(image_bytes: tf.Tensor) -> tf.Tensor:
     """Encoded bytes -> float32 RGBA [h, w, 4] in [0, 1], at most WORK_SIDE per side."""
     def png():
-        return _shrink(tf.io.decode_png(check_png_chunks(image_bytes), channels=4))
+        return _pngs_rgba(image_bytes[None])[0]
 
     def other():
         rgb = tf.io.decode_image(check_jpeg_scans(check_gif_frames(image_bytes)), channels=3,
@@ -607,17 +614,6 @@ def decode_and_normalize(image_bytes: tf.Tensor) -> tf.Tensor:
     return normalize(to_grey(decode_rgba(image_bytes)))
 
 
-def _same_size_pngs(image_bytes: tf.Tensor) -> tf.Tensor:
-    """PNGs [n] whose headers declare one size -> grey [n, h, w, 1]: the chunks of all of them walked at once,
-    each decoded (the decoder takes one file), then shrunk and made grey as a batch."""
-    checked = check_png_chunks(image_bytes)
-    pixels = tf.cond(tf.equal(tf.size(checked), 1), lambda: tf.io.decode_png(checked[0], channels=4)[None],
-                     lambda: tf.map_fn(lambda data: tf.io.decode_png(data, channels=4), checked,
-                                       parallel_iterations=4,
-                                       fn_output_signature=tf.TensorSpec([None, None, 4], tf.uint8)))
-    return to_grey(_shrink(pixels))
-
-
 @_graph_code
 def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
     """string [N] -> float32 [N, 28, 28, 1].
@@ -629,7 +625,7 @@ def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
     goes through in batches of that size. Other calls are normalised image by image, a few at a time; so are
     PNGs larger than BATCHED_PIXELS each.
     """
-    image_bytes, height, width = _checked_headers(image_bytes)
+    image_bytes, height, width = check_headers(image_bytes)
     count = tf.size(image_bytes, out_type=tf.int64)
     same_png = tf.logical_and(
         tf.reduce_all(tf.equal(tf.strings.substr(image_bytes, 0, 8), b"\x89PNG\r\n\x1a\n")),
@@ -639,14 +635,14 @@ def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
     per_batch = tf.maximum(BATCHED_PIXELS // each, 1)
 
     def batched() -> tf.Tensor:
-        return normalize_batch(_same_size_pngs(image_bytes))
+        return normalize_batch(to_grey(_pngs_rgba(image_bytes)))
 
     def in_batches() -> tf.Tensor:
         batches = (count + per_batch - 1) // per_batch
 
         def step(i, done):
             part = image_bytes[i * per_batch:(i + 1) * per_batch]
-            return i + 1, done.write(tf.cast(i, tf.int32), normalize_batch(_same_size_pngs(part)))
+            return i + 1, done.write(tf.cast(i, tf.int32), normalize_batch(to_grey(_pngs_rgba(part))))
 
         done = tf.TensorArray(tf.float32, size=tf.cast(batches, tf.int32), infer_shape=False,
                               element_shape=[None, IMAGE_SIZE, IMAGE_SIZE, 1])
@@ -661,3 +657,8 @@ def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(
         tf.cond(together, lambda: tf.cond(count <= per_batch, batched, in_batches), one_by_one),
         [None, IMAGE_SIZE, IMAGE_SIZE, 1])
+
+
+# The image graph as one tf.function, traced once a process for everything that runs it (the export's
+# signatures, the robustness report, the benchmark): each traced it on its own before, a few seconds each time.
+decode_images = tf.function(decode_batch, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)

@@ -43,7 +43,7 @@ from PIL import Image, ImageFilter
 from training import mnist_c, plots, samples
 from training.mnist_c import SEED  # one seed for every corrupted test set
 from training.model import NUM_CLASSES
-from training.preprocessing import decode_batch
+from training.preprocessing import decode_images
 
 BATCH_SIZE = 256
 CENTRE = 14.0  # of a 28x28 image, in PIL's continuous coordinates
@@ -494,15 +494,10 @@ def plot_mnist_c(results: list[dict[str, Any]], out: Path) -> None:
 CELL, GAP = 56, 4  # pixels of one example in the grid, and between examples
 
 
-@tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
-def _decode(files: tf.Tensor) -> tf.Tensor:
-    return decode_batch(files)
-
-
 def model_inputs(files: list[bytes]) -> list[np.ndarray | None]:
     """The normalised 28x28 images the model receives for these files (None for a refused file)."""
     try:
-        return list(_decode(tf.constant(files)).numpy()[..., 0])
+        return list(decode_images(tf.constant(files)).numpy()[..., 0])
     except tf.errors.InvalidArgumentError:
         return [model_inputs([file])[0] if len(files) > 1 else None for file in files]
 
