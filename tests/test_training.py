@@ -274,6 +274,9 @@ def test_only_the_chief_of_a_cluster_exports(monkeypatch):
         else:
             monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {}, "task": task}))
         assert train.is_chief() is chief, task
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    assert not train.is_chief()  # worker 0 is not the chief of a cluster that names one
 
 
 def test_an_unknown_strategy_is_refused():

@@ -294,7 +294,7 @@ def callbacks(cfg: Config, run_dir: Path, share: tf.Variable | None = None,
     nothing there (`ClusterBackupAndRestore`, `ScratchModelCheckpoint`), so every worker may be given the same
     --run-dir."""
     multi = cluster is not None and cluster.workers > 1
-    chief = not multi or cluster.index == 0
+    chief = is_chief()
     backup = run_dir / "backup"
     resuming = chief and backup.exists() and any(backup.iterdir())
     if resuming:
@@ -366,9 +366,14 @@ def make_strategy(cfg: Config) -> tf.distribute.Strategy:
 
 
 def is_chief() -> bool:
-    """Only the chief (or worker 0) of a multi-worker cluster evaluates and exports."""
-    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
-    return task.get("type", "chief") == "chief" or (task.get("type") == "worker" and task.get("index", 0) == 0)
+    """Whether this process is the chief: the one that writes the run's records, evaluates and exports. That is
+    the task of type chief, or worker 0 of a cluster that names no chief (`Scale.index` 0); a process without
+    $TF_CONFIG is its own chief."""
+    config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = config.get("task", {})
+    first_worker = task.get("type") == "worker" and task.get("index", 0) == 0 and "chief" not in config.get(
+        "cluster", {})
+    return task.get("type", "chief") == "chief" or first_worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,7 +528,7 @@ def fit(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = No
     log(cluster.describe(cfg) + (f"; worker {cluster.index} of {cluster.workers}, {train_steps} steps per epoch"
                                  if cluster.workers > 1 else ""))
     run_dir = Path(cfg.run_dir)
-    if cluster.index == 0:
+    if is_chief():
         run_dir.mkdir(parents=True, exist_ok=True)
     model.fit(train, validation_data=validation, epochs=cfg.epochs, verbose=cfg.verbose,
               shuffle=False,  # the pipeline shuffles; Keras ignores shuffle=True for a tf.data input, with a warning
