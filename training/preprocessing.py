@@ -502,16 +502,20 @@ def _near(mask: tf.Tensor, margin: int) -> tf.Tensor:
                           within(tf.reduce_any(mask, axis=1))[:, None, :])
 
 
+def _mean3x3(x: tf.Tensor) -> tf.Tensor:
+    """[n, h, w] -> the mean of each pixel's 3x3 neighbourhood (within the image), avg_pool2d's "SAME". Pooled
+    with the images as channels: oneDNN's pooling runs along channels, so one channel of n images cost several
+    times n channels of one image, for the same floats (and stacking two inputs as channels cost more still)."""
+    return tf.transpose(tf.nn.avg_pool2d(tf.transpose(x, [1, 2, 0])[None], 3, 1, "SAME")[0], [2, 0, 1])
+
+
 def ink_box(ink: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """(top, left, height, width) of the ink of each image, each [n]. Specks and noise do not widen it: ink
     counts when at least MIN_NEIGHBOURHOOD of its 3x3 neighbourhood are ink (no lone specks), and only within
     BOX_MARGIN pixels of the box of the solid ink, where the 3x3 mean reaches SOLID_INK (noisy paper is inked
     all over, but not solidly). On clean digits the margin holds the faint tips of strokes: MNIST's boxes stay."""
     inked = ink[..., 0] > INK_THRESHOLD
-    # the 3x3 means of the share of inked pixels and of the ink, a pooling each: the same floats as one pooling
-    # of both stacked as channels, without the copies into and out of the stack (a third of ink_box's time)
-    share = tf.squeeze(tf.nn.avg_pool2d(tf.cast(inked, tf.float32)[..., None], 3, 1, "SAME"), -1)
-    mean = tf.squeeze(tf.nn.avg_pool2d(ink, 3, 1, "SAME"), -1)
+    share, mean = _mean3x3(tf.cast(inked, tf.float32)), _mean3x3(ink[..., 0])  # of inked pixels, of the ink
     mask = tf.logical_and(inked, share * 9.0 >= MIN_NEIGHBOURHOOD)
     solid = tf.logical_and(inked, mean >= SOLID_INK)
     near = tf.logical_and(mask, _near(solid, BOX_MARGIN))
