@@ -515,7 +515,9 @@ def ink_box(ink: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
     BOX_MARGIN pixels of the box of the solid ink, where the 3x3 mean reaches SOLID_INK (noisy paper is inked
     all over, but not solidly). On clean digits the margin holds the faint tips of strokes: MNIST's boxes stay."""
     inked = ink[..., 0] > INK_THRESHOLD
-    share, mean = _mean3x3(tf.cast(inked, tf.float32)), _mean3x3(ink[..., 0])  # of inked pixels, of the ink
+    # of inked pixels (a select, not a cast: grappler would move a cast after the transpose, and oneDNN logs an
+    # error for a transpose of booleans), and of the ink
+    share, mean = _mean3x3(tf.where(inked, 1.0, 0.0)), _mean3x3(ink[..., 0])
     mask = tf.logical_and(inked, share * 9.0 >= MIN_NEIGHBOURHOOD)
     solid = tf.logical_and(inked, mean >= SOLID_INK)
     near = tf.logical_and(mask, _near(solid, BOX_MARGIN))
