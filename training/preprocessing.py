@@ -305,7 +305,7 @@ def _shrink(image: tf.Tensor) -> tf.Tensor:
     longest = tf.cast(tf.reduce_max(shape), tf.float32)
     scale = tf.minimum(1.0, WORK_SIDE / longest)
     size = tf.maximum(1, tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) * scale), tf.int32))
-    # at its own size, area resizing copies each pixel (bit for bit): a 28x28 PNG skips it, 7 us of 28 an image
+    # at its own size, area resizing copies each pixel (bit for bit): skipped (a 28x28 PNG: 7 us an image at 64)
     return tf.cond(tf.reduce_all(tf.equal(size, shape)), lambda: tf.cast(image, tf.float32),
                    lambda: tf.image.resize(image, size, method="area")) / 255.0
 
