@@ -9,7 +9,7 @@ SAMPLES ?= samples
 GRPC_PORT ?= 8500
 REST_PORT ?= 8501
 TRAIN_FLAGS ?=
-# What bench/ measured fastest on 2 cores (docs/benchmarks.md): batching, TF ops on the calling thread.
+# What bench/ measured fastest on 2 cores (docs/benchmarks.md): batching, one intra-op thread, inter-op -1.
 SERVER_FLAGS ?= --enable_batching=true --batching_parameters_file=serving/batching.config \
 	--tensorflow_intra_op_parallelism=1 --tensorflow_inter_op_parallelism=-1
 DIST_DIR ?= dist

@@ -46,7 +46,8 @@ from serving.models import WARMUP_FILE, scan_versions
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "mnist"
 METRICS_PATH = "/monitoring/prometheus/metrics"  # as in serving/monitoring.config
-# Measured best on 2 cores (docs/benchmarks.md): each batch on one thread, TF ops run on the calling thread.
+# Measured best on 2 cores (docs/benchmarks.md): one intra-op thread; inter-op -1, which TF Serving reads as
+# "the calling thread" and TensorFlow 2, in the embedded server, as its default pool.
 SERVER_THREAD_FLAGS = ("--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=-1")
 MAX_MEMORY_GROWTH_MB = 10.0  # "flat": RSS at the end of the long run within this of RSS after its warm-up
 

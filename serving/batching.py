@@ -74,8 +74,7 @@ class BatchingOptions:
     @property
     def runs_at_once(self) -> bool:
         """A timeout this short (at most INLINE_MAX_TIMEOUT_MICROS) means: do not wait for company at all; a
-        free batch slot takes what is queued at once, and a lone request runs on the caller's thread (see the
-        module docstring)."""
+        free batch slot takes what is queued at once, a lone request included (see the module docstring)."""
         return self.batch_timeout_micros <= INLINE_MAX_TIMEOUT_MICROS
 
     @property

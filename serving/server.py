@@ -142,8 +142,8 @@ class ServerOptions:
     tensorflow_intra_op_parallelism: int = field(default=0, metadata={"help": (
         "Threads TensorFlow may use inside one op; 0 lets TensorFlow choose.")})
     tensorflow_inter_op_parallelism: int = field(default=0, metadata={"help": (
-        "TensorFlow ops that may run at once; 0 lets TensorFlow choose, negative runs them on the calling "
-        "thread.")})
+        "TensorFlow ops that may run at once; 0 lets TensorFlow choose. Negative: TF Serving runs a session's "
+        "ops on the calling thread; TensorFlow 2, in this server, then uses its default pool.")})
     host: str = field(default="0.0.0.0", metadata={"help": OWN_FLAG + (
         "Address both ports are bound to.")})
     grace_period_seconds: float = field(default=10.0, metadata={"help": OWN_FLAG + (
