@@ -39,7 +39,6 @@ MAX_SIDE = 4096
 MAX_CALL_PIXELS = 16 * MAX_SIDE * MAX_SIDE  # the pixels all images of one call may declare: 16 of the largest
 WORK_SIDE = 256
 BATCHED_PIXELS = 1 << 21  # the most pixels (as declared) decode_batch decodes together: 8 MB of RGBA
-DECODE_GROUP = 8  # PNGs decoded a step of the decoding loop: a loop step costs more than a 28x28 PNG's decoding
 IMAGE_SIZE = 28
 DIGIT_BOX = 20  # MNIST's digits were scaled to fit 20x20, then centred by centre of mass in 28x28
 INK_THRESHOLD = 0.1  # of the stretched range: what counts as ink
@@ -314,20 +313,10 @@ def _pngs_rgba(files: tf.Tensor) -> tf.Tensor:
     """PNGs [n] whose headers declare one size -> float32 RGBA [n, h, w, 4] in [0, 1], at most WORK_SIDE per
     side: the chunks of all of them walked at once, each decoded (the decoder takes one file), shrunk as a batch."""
     checked = check_png_chunks(files)
-    count = tf.size(checked)
-    groups = (count + DECODE_GROUP - 1) // DECODE_GROUP
-    padded = tf.concat([checked, tf.repeat(checked[:1], groups * DECODE_GROUP - count)], 0)  # same-size fillers
-
-    def step(i, done):
-        part = padded[i * DECODE_GROUP:(i + 1) * DECODE_GROUP]
-        return i + 1, done.write(i, tf.stack([tf.io.decode_png(part[k], channels=4) for k in range(DECODE_GROUP)]))
-
-    def in_groups() -> tf.Tensor:
-        done = tf.TensorArray(tf.uint8, size=groups, infer_shape=False, element_shape=[DECODE_GROUP, None, None, 4])
-        _, done = tf.while_loop(lambda i, _: i < groups, step, (tf.constant(0), done), parallel_iterations=2)
-        return done.concat()[:count]
-
-    pixels = tf.cond(tf.equal(count, 1), lambda: tf.io.decode_png(checked[0], channels=4)[None], in_groups)
+    pixels = tf.cond(tf.equal(tf.size(checked), 1), lambda: tf.io.decode_png(checked[0], channels=4)[None],
+                     lambda: tf.map_fn(lambda data: tf.io.decode_png(data, channels=4), checked,
+                                       parallel_iterations=4,
+                                       fn_output_signature=tf.TensorSpec([None, None, 4], tf.uint8)))
     return _shrink(pixels)
 
 
