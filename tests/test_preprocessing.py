@@ -394,7 +394,7 @@ def test_a_batch_is_normalised_exactly_as_each_of_its_images_alone(mnist_test_ar
     images[5] = images[5] // 3 + 60  # faint on grey
     grey = tf.constant(images[..., None].astype(np.float32) / 255.0)
     batch = preprocessing.normalize_batch(grey).numpy()
-    alone = np.stack([preprocessing.normalize(image).numpy() for image in grey])
+    alone = np.concatenate([preprocessing.normalize_batch(image[None]).numpy() for image in grey])
     np.testing.assert_array_equal(batch, alone)
     assert (batch[0, :, :, 0] > preprocessing.INK_THRESHOLD).mean(axis=1).max() < 0.6  # its bars were removed
 
@@ -568,7 +568,10 @@ def test_a_few_hundred_varied_images_get_the_answers_of_the_image_by_image_graph
     new = np.concatenate([run(*files[:50]), run(*same_size), *(run(f) for f in files[50:])])
     reference_files = files[:50] + same_size + files[50:]
     monkeypatch.setattr(preprocessing, "fit_and_centre", _reference_fit_and_centre)
-    before = tf.function(lambda f: tf.map_fn(preprocessing.decode_and_normalize, f, fn_output_signature=tf.TensorSpec(
+    def alone(file):  # each file decoded and normalised on its own, as the graph did before issue 15
+        return preprocessing.normalize_batch(preprocessing.to_grey(preprocessing.decode_rgba(file[None])))[0]
+
+    before = tf.function(lambda f: tf.map_fn(alone, f, fn_output_signature=tf.TensorSpec(
         [preprocessing.IMAGE_SIZE] * 2 + [1], tf.float32)), input_signature=[tf.TensorSpec([None], tf.string)])
     old = before(tf.constant(reference_files)).numpy()
     np.testing.assert_allclose(new, old, atol=1e-5)

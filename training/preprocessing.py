@@ -320,19 +320,17 @@ def _pngs_rgba(files: tf.Tensor) -> tf.Tensor:
     return _shrink(pixels)
 
 
-def decode_rgba(image_bytes: tf.Tensor) -> tf.Tensor:
-    """Encoded bytes -> float32 RGBA [h, w, 4] in [0, 1], at most WORK_SIDE per side."""
-    def png():
-        return _shrink(tf.io.decode_png(check_png_chunks(image_bytes[None])[0], channels=4))
-
+def decode_rgba(files: tf.Tensor) -> tf.Tensor:
+    """Files [n] whose headers `check_headers` has read -> float32 RGBA [n, h, w, 4] in [0, 1], at most WORK_SIDE
+    per side: PNGs that declare one size (any n, `_pngs_rgba`), or one file of another format (n = 1)."""
     def other():
-        rgb = tf.io.decode_image(check_jpeg_scans(check_gif_frames(image_bytes)), channels=3,
-                                  expand_animations=False)
+        image = files[0]
+        rgb = tf.io.decode_image(check_jpeg_scans(check_gif_frames(image)), channels=3, expand_animations=False)
         rgb = _shrink(tf.ensure_shape(rgb, [None, None, 3]))
-        return tf.concat([rgb, tf.ones_like(rgb[..., :1])], axis=-1)
+        return tf.concat([rgb, tf.ones_like(rgb[..., :1])], axis=-1)[None]
 
-    is_png = tf.equal(tf.strings.substr(image_bytes, 0, 4), b"\x89PNG")
-    return tf.ensure_shape(tf.cond(is_png, png, other), [None, None, 4])
+    is_png = tf.equal(tf.strings.substr(files[0], 0, 4), b"\x89PNG")
+    return tf.ensure_shape(tf.cond(is_png, lambda: _pngs_rgba(files), other), [None, None, None, 4])
 
 
 def to_grey(rgba: tf.Tensor) -> tf.Tensor:
@@ -605,25 +603,11 @@ def _ink(grey: tf.Tensor) -> tf.Tensor:
 
 
 @_graph_code
-def normalize(grey: tf.Tensor) -> tf.Tensor:
-    """Grey [h, w, 1] in [0, 1], any polarity and size -> an MNIST-like [28, 28, 1] white digit on black."""
-    ink = _ink(grey[None])
-    return fit_and_centre(ink, *ink_box(ink))[0]
-
-
-@_graph_code
 def normalize_batch(grey: tf.Tensor) -> tf.Tensor:
-    """normalize() for a batch of images of one size, [n, h, w, 1] -> [n, 28, 28, 1]: the same steps on the
-    whole batch."""
+    """Grey images of one size [n, h, w, 1] in [0, 1], any polarity -> MNIST-like [n, 28, 28, 1] white digits on
+    black. Each image comes out as it would alone (n = 1): every step decides per image."""
     ink = _ink(grey)
     return fit_and_centre(ink, *ink_box(ink))
-
-
-@_graph_code
-def decode_and_normalize(image_bytes: tf.Tensor) -> tf.Tensor:
-    """One encoded image (scalar string) whose header `check_headers` has read -> float32 [28, 28, 1] in [0, 1],
-    white digit on black."""
-    return normalize(to_grey(decode_rgba(image_bytes)))
 
 
 @_graph_code
@@ -636,10 +620,9 @@ def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
     image. A batch holds at most BATCHED_PIXELS pixels (it is decoded whole before it is shrunk): a larger call
     goes through in batches of that size. Other calls are normalised image by image.
 
-    One loop over the call's parts (a batch, or one image) states both ways once: the graph holds one copy of
-    each normalisation, where a branch of its own for each case held four (7,500 nodes instead of 3,750: every
-    process that loads the export optimises them at its first call, a second longer, and every export traces
-    them).
+    One loop over the call's parts (a batch, or one image) through one decoder and one normalisation: each is
+    one copy in the graph (every process that loads the export optimises the graph at its first call, and every
+    export traces it: its size is paid there).
     """
     image_bytes, height, width = check_headers(image_bytes)
     count = tf.size(image_bytes, out_type=tf.int64)
@@ -653,9 +636,7 @@ def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
 
     def step(i, done):
         part = image_bytes[i * per_part:(i + 1) * per_part]
-        normalized = tf.cond(together, lambda: normalize_batch(to_grey(_pngs_rgba(part))),
-                             lambda: decode_and_normalize(part[0])[None])
-        return i + 1, done.write(tf.cast(i, tf.int32), normalized)
+        return i + 1, done.write(tf.cast(i, tf.int32), normalize_batch(to_grey(decode_rgba(part))))
 
     done = tf.TensorArray(tf.float32, size=tf.cast(parts, tf.int32), infer_shape=False,
                           element_shape=[None, IMAGE_SIZE, IMAGE_SIZE, 1])
